@@ -1,0 +1,66 @@
+# The kit's two commands are `make demo` and `make test` (see README.md); the rest are their steps.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+RT_VENV := .venv-runtime
+# The runtime's tests need torch; name the wheel or spec to take it from (a CPU build here).
+TORCH_SPEC ?= torch==2.13.0
+FIXTURES := $(CURDIR)/.cache/fixtures
+# Molecule scenarios run by `make test`, in order.
+SCENARIOS ?= default
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export CLA2_FIXTURES := $(FIXTURES)
+export ANSIBLE_FORCE_COLOR := 0
+
+.PHONY: demo test venv runtime-venv sandbox-image fixtures lint test-runtime test-molecule bench-smoke \
+        sandbox sandbox-destroy clean
+
+venv: $(VENV)/.done
+$(VENV)/.done: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements.txt
+	touch $@
+
+runtime-venv: $(RT_VENV)/.done
+$(RT_VENV)/.done: runtime/pyproject.toml
+	$(PYTHON) -m venv $(RT_VENV)
+	$(RT_VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(RT_VENV)/bin/pip install -q -e 'runtime[test,deepspeed]'
+	touch $@
+
+sandbox-image:
+	sandbox/build-image.sh
+
+# Local stand-ins for the vendor's artifacts (driver package, PyTorch image tarball, weights).
+fixtures: venv sandbox-image runtime-venv
+	molecule/resources/fixtures/build.sh $(FIXTURES)
+
+lint: venv runtime-venv
+	yamllint --strict .
+	ansible-lint
+	$(RT_VENV)/bin/ruff check runtime bench
+
+test-runtime: runtime-venv
+	cd runtime && ../$(RT_VENV)/bin/pytest -q -p no:cacheprovider
+
+test-molecule: venv fixtures
+	for s in $(SCENARIOS); do echo "== molecule scenario $$s"; molecule test -s $$s; done
+
+bench-smoke: venv runtime-venv
+	bench/smoke.sh
+
+test: lint test-runtime test-molecule bench-smoke
+
+sandbox: venv fixtures
+	ansible-playbook playbooks/sandbox.yml
+
+sandbox-destroy: venv
+	ansible-playbook playbooks/sandbox.yml -e sandbox_state=absent
+
+demo: sandbox
+	ansible-playbook site.yml -l mlu-hosts
+
+clean: sandbox-destroy
+	rm -rf $(VENV) $(RT_VENV) .cache

@@ -1,0 +1,3 @@
+from cla2.cli import main
+
+main()

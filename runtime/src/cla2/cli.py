@@ -1,0 +1,109 @@
+"""cla2: the Chinese-LLaMA-2 / Chinese-Alpaca-2 runtime. One sub-command per job; `cla2 JOB --help`
+documents its flags."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+
+# sub-command -> module whose ``main`` runs it, in the order of the model's life cycle
+COMMANDS = {
+    "env": "cla2.env",
+    "tiny": "cla2.tiny",
+    "finetune": "cla2.finetune",
+    "pretrain": "cla2.pretrain",
+    "merge": "cla2.merge",
+    "chat": "cla2.chat",
+    "generate": "cla2.generate",
+    "serve": "cla2.serve",
+    "eval": "cla2.eval",
+}
+
+
+# Flags are built from each job function's signature and docstring (parsed by docstring_parser).
+# jsonargparse does this too, but gives underscored flags and booleans that need a value
+# (`--overwrite true`); operators and the seed's scripts use `--max-steps`, `--overwrite`.
+def _unwrap(tp):
+    """Optional[X] / X | None -> (X, True)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def add_function_arguments(parser: argparse.ArgumentParser, fn) -> None:
+    import docstring_parser
+
+    doc = docstring_parser.parse(fn.__doc__ or "")
+    helps = {p.arg_name: p.description for p in doc.params}
+    hints = typing.get_type_hints(fn)
+    for name, param in inspect.signature(fn).parameters.items():
+        if name.startswith("_") or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        tp, _ = _unwrap(hints.get(name, str))
+        flag = "--" + name.replace("_", "-")
+        kwargs: dict = {"dest": name, "help": helps.get(name, "")}
+        required = param.default is inspect.Parameter.empty
+        if not required:
+            kwargs["default"] = param.default
+            if param.default not in (None, False, "") and tp is not bool:
+                kwargs["help"] += f" (default: {param.default})"
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is typing.Literal:
+            kwargs["choices"] = list(typing.get_args(tp))
+        elif typing.get_origin(tp) in (list, tuple):
+            item = typing.get_args(tp)[0] if typing.get_args(tp) else str
+            kwargs["type"] = lambda s, item=item: [item(x) for x in s.split(",") if x]
+            kwargs["metavar"] = "A,B,..."
+        elif tp in (int, float, str, Path):
+            kwargs["type"] = tp
+        parser.add_argument(flag, required=required, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cla2", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from cla2 import __version__
+
+    parser.add_argument("--version", action="version", version=f"cla2 {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in COMMANDS.items():
+        fn = importlib.import_module(module).main
+        doc = inspect.getdoc(fn) or ""
+        summary = doc.split("\n\n")[0].replace("\n", " ")
+        description = doc.split("\nArgs:")[0]
+        p = sub.add_parser(name, help=summary, description=description,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_function_arguments(p, fn)
+        p.set_defaults(_fn=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = vars(build_parser().parse_args(argv))
+    fn = args.pop("_fn")
+    args.pop("command")
+    try:
+        fn(**args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (ValueError, OSError, RuntimeError) as exc:
+        # Errors the jobs raise are written for the operator; the traceback is one variable away.
+        if os.environ.get("CLA2_TRACEBACK"):
+            raise
+        print(f"cla2 {sys.argv[1] if len(sys.argv) > 1 else ''}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

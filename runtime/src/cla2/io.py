@@ -1,0 +1,105 @@
+"""Output folders and weight files: written completely or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+
+class OutputExistsError(FileExistsError):
+    pass
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an output folder that exists and is not empty, unless ``overwrite``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output {out} exists and is not a folder: choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"output folder {out} exists and is not empty: choose another --out, or pass --overwrite to replace it"
+        )
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``out`` in one rename.
+
+    On failure the temporary folder is removed and ``out`` is left exactly as it was. With ``overwrite``
+    an existing ``out`` is replaced only once the new one is complete.
+    """
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def shard_names(shards: int, ext: str = "safetensors") -> list[str]:
+    if shards == 1:
+        return [f"model.{ext}"]
+    return [f"model-{i + 1:05d}-of-{shards:05d}.{ext}" for i in range(shards)]
+
+
+def save_sharded(state_dict: dict[str, torch.Tensor], folder: Path, shards: int = 1) -> None:
+    """Save a state dict as ``shards`` safetensors files of about equal size, with an index when > 1."""
+    from safetensors.torch import save_file
+
+    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    groups: list[list[str]] = [[] for _ in range(shards)]
+    done = 0
+    for n, t in state_dict.items():
+        groups[min(shards - 1, int(done * shards / max(total, 1)))].append(n)
+        done += t.numel() * t.element_size()
+    groups = [g for g in groups if g]
+    files = shard_names(len(groups))
+    weight_map = {}
+    for fname, group in zip(files, groups):
+        save_file({n: state_dict[n].contiguous() for n in group}, str(Path(folder) / fname),
+                  metadata={"format": "pt"})
+        weight_map.update({n: fname for n in group})
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (Path(folder) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The weight files of a model folder (safetensors preferred, else PyTorch .bin), or a clear error."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model folder {model_dir} does not exist")
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = model_dir / index_name
+        if index.exists():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [f for f in files if not (model_dir / f).exists()]
+            if missing:
+                raise FileNotFoundError(f"{index} names shards that are missing: {', '.join(missing)}")
+            return [model_dir / f for f in files]
+        if (model_dir / single).exists():
+            return [model_dir / single]
+    raise FileNotFoundError(
+        f"model folder {model_dir} holds no weights (model.safetensors[.index.json] or "
+        "pytorch_model.bin[.index.json]): point --model at a complete Hugging Face model folder"
+    )
