@@ -49,9 +49,16 @@ def add_function_arguments(parser: argparse.ArgumentParser, fn) -> None:
         if name.startswith("_") or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
         tp, _ = _unwrap(hints.get(name, str))
-        flag = "--" + name.replace("_", "-")
-        kwargs: dict = {"dest": name, "help": helps.get(name, "")}
+        kwargs: dict = {"help": helps.get(name, "")}
         required = param.default is inspect.Parameter.empty
+        if param.kind == param.POSITIONAL_ONLY:
+            # def main(benchmark, /, *, ...): a positional argument, as in `cla2 eval ceval`
+            flags = [name]
+            if not required:
+                kwargs["nargs"] = "?"
+        else:
+            flags = ["--" + name.replace("_", "-")]
+            kwargs["dest"] = name
         if not required:
             kwargs["default"] = param.default
             if param.default not in (None, False, "") and tp is not bool:
@@ -66,7 +73,9 @@ def add_function_arguments(parser: argparse.ArgumentParser, fn) -> None:
             kwargs["metavar"] = "A,B,..."
         elif tp in (int, float, str, Path):
             kwargs["type"] = tp
-        parser.add_argument(flag, required=required, **kwargs)
+        if param.kind != param.POSITIONAL_ONLY:
+            kwargs["required"] = required
+        parser.add_argument(*flags, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,8 +102,10 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(build_parser().parse_args(argv))
     fn = args.pop("_fn")
     args.pop("command")
+    positional = [args.pop(n) for n, p in inspect.signature(fn).parameters.items()
+                  if p.kind == p.POSITIONAL_ONLY]
     try:
-        fn(**args)
+        fn(*positional, **args)
     except KeyboardInterrupt:
         sys.exit(130)
     except (ValueError, OSError, RuntimeError) as exc:
