@@ -1,0 +1,549 @@
+"""The one piece of code that generates text: chat, generate, serve and the web chat all call it.
+
+A background thread runs a continuous-batching loop over one batched KV cache (transformers'
+DynamicCache): a new request is prefilled on its own, its cache is left-padded and stacked onto the
+running batch, and from then on it decodes one token per step together with every other running
+request. A request that finishes, or whose consumer goes away (``Request.cancel()``), leaves the batch
+at the next step and frees its slot for a waiting one.
+
+Why not ``model.generate``: it runs one fixed batch from start to end, so a request arriving while
+another decodes waits for it to finish, and its sampling parameters are per batch, not per request.
+Why not a paged-attention server (vLLM): it does not run on MLU or CPU. The model forward, the cache
+and the tokenizer are transformers' own; only the scheduling and sampling (per-request generators,
+temperature / top-k / top-p / repetition penalty per row) are written here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+# The seed's generation defaults.
+DEFAULT_TEMPERATURE = 0.2
+DEFAULT_TOP_K = 40
+DEFAULT_TOP_P = 0.9
+DEFAULT_REPETITION_PENALTY = 1.1
+DEFAULT_MAX_NEW_TOKENS = 512
+
+
+class InvalidRequest(ValueError):
+    """A request the engine refuses; ``param`` names the offending field, ``code`` is OpenAI-style."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class ContextTooLong(InvalidRequest):
+    def __init__(self, message: str):
+        super().__init__(message, param="messages", code="context_length_exceeded")
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling. ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` switch
+    those filters off; ``repetition_penalty == 1`` switches the penalty off (HF's definition: logits of
+    tokens already in the prompt or the output are divided by it when positive, multiplied when negative)."""
+
+    temperature: float = DEFAULT_TEMPERATURE
+    top_k: int = DEFAULT_TOP_K
+    top_p: float = DEFAULT_TOP_P
+    repetition_penalty: float = DEFAULT_REPETITION_PENALTY
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def validate(self, window: int | None = None) -> SamplingParams:
+        def bad(name: str, why: str) -> InvalidRequest:
+            return InvalidRequest(f"{name}={getattr(self, name)!r} is invalid: {why}", param=name)
+
+        if not 0.0 <= self.temperature <= 2.0:
+            raise bad("temperature", "use a value from 0 (greedy) to 2")
+        if not 0 <= self.top_k <= 1_000_000:
+            raise bad("top_k", "use 0 (off) or a positive number of candidates")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "use a value in (0, 1]")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise bad("repetition_penalty", "use a value in (0, 10]; 1 switches it off")
+        limit = window or 1_000_000
+        if not 1 <= self.max_new_tokens <= limit:
+            raise bad("max_new_tokens", f"use 1 to {limit} (the model's context window)")
+        if len(self.stop) > 16 or any(not isinstance(s, str) or not s for s in self.stop):
+            raise bad("stop", "use at most 16 non-empty strings")
+        return self
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str  # "stop" (eos or stop string), "length", "cancelled" or "error"
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int]
+    time_to_first_token: float | None  # seconds from submission to the first token
+    elapsed: float  # seconds from submission to the end
+    error: str | None = None
+
+
+@dataclass
+class Event:
+    """What a request's consumer receives: text deltas, then one event with ``result`` set."""
+
+    text: str = ""
+    result: Result | None = None
+
+
+class IncrementalDetokenizer:
+    """Turns token ids into text deltas that never end inside a character.
+
+    SentencePiece pieces decode differently alone than in context (the leading ``▁``), and a character
+    outside the vocabulary arrives as several byte pieces (龘 is three), so the text of the last tokens is
+    decoded together with the few before them and only the new part is released, and only when it does
+    not end in an incomplete UTF-8 sequence (U+FFFD).
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:])
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(prefix):]
+        return ""
+
+    def flush(self) -> str:
+        """What is left at the end, minus an incomplete trailing character (never U+FFFD)."""
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix):].rstrip("\ufffd") if len(text) > len(prefix) else ""
+
+
+class Request:
+    """One generation in flight. Consumers get ``Event``s through ``sink`` (called on the engine thread)."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Event], None],
+                 tokenizer, vocab_size: int, device: torch.device, eos_ids: set[int], max_new_tokens: int):
+        self.id = uuid.uuid4().hex
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.sink = sink
+        self.max_new_tokens = max_new_tokens
+        self.eos_ids = eos_ids
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.output_ids: list[int] = []
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.text = ""  # decoded so far (stop strings cut off)
+        self.emitted = 0  # characters of self.text already sent
+        self.finish_reason: str | None = None
+        self.cancelled = False
+        self.next_token: int | None = None
+        self.generator = torch.Generator()
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+        else:
+            self.generator.seed()
+        self.seen: torch.Tensor | None = None
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            ids = torch.tensor([i for i in prompt_ids if 0 <= i < vocab_size], dtype=torch.long)
+            self.seen[ids.to(device)] = True
+
+    def cancel(self) -> None:
+        """The consumer went away: the engine drops the request at its next step."""
+        self.cancelled = True
+
+    @property
+    def position(self) -> int:
+        """Tokens in the cache for this request (the position of the next input token)."""
+        return len(self.prompt_ids) + len(self.output_ids) - 1
+
+    def _send(self, final: bool = False) -> None:
+        end = len(self.text)
+        if not final and self.params.stop:
+            # Hold back a tail that could still become a stop string.
+            for k in range(min(max(map(len, self.params.stop)) - 1, end - self.emitted), 0, -1):
+                if any(s.startswith(self.text[end - k:]) for s in self.params.stop):
+                    end -= k
+                    break
+        if end > self.emitted:
+            delta, self.emitted = self.text[self.emitted:end], end
+            self.sink(Event(text=delta))
+
+    def push(self, token_id: int) -> None:
+        """Account one sampled token; sets ``finish_reason`` when the request is done."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if token_id in self.eos_ids:
+            self.finish_reason = "stop"
+            self.text += self.detok.flush()
+            return
+        self.output_ids.append(token_id)
+        if self.seen is not None:
+            self.seen[token_id] = True
+        delta = self.detok.add(token_id)
+        if len(self.output_ids) >= self.max_new_tokens:
+            delta += self.detok.flush()
+            self.finish_reason = "length"
+        if delta:
+            start = max(0, len(self.text) - max(map(len, self.params.stop), default=0))
+            self.text += delta
+            for s in self.params.stop:
+                i = self.text.find(s, start)
+                if i >= 0:
+                    self.text = self.text[:i]
+                    self.finish_reason = "stop"
+        if self.finish_reason is None:
+            self._send()
+        self.next_token = token_id
+
+    def finish(self, reason: str | None = None, error: str | None = None) -> Result:
+        self.finish_reason = reason or self.finish_reason or "stop"
+        if error is None and self.finish_reason != "cancelled":
+            self._send(final=True)
+        now = time.perf_counter()
+        result = Result(
+            text=self.text[:self.emitted] if error is None else self.text,
+            finish_reason=self.finish_reason, prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.output_ids), token_ids=list(self.output_ids),
+            time_to_first_token=None if self.first_token_at is None else self.first_token_at - self.submitted,
+            elapsed=now - self.submitted, error=error,
+        )
+        self.sink(Event(result=result))
+        return result
+
+
+def load_model(model: Path, adapter: Path | None = None, device: str | None = None, dtype: str | None = None):
+    """Load (model, tokenizer, torch device) from a Hugging Face folder, with an optional LoRA adapter
+    merged in. The tokenizer comes from the adapter folder when it ships one (the seed's adapters do)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cla2 import device as devices
+    from cla2.io import weight_files
+
+    weight_files(model)  # a clear error for a wrong folder, before transformers' own
+    dev = devices.pick(device)
+    torch_dtype = devices.parse_dtype(dtype, dev)
+    tok_dir = adapter if adapter is not None and any(
+        (Path(adapter) / n).exists() for n in ("tokenizer.model", "tokenizer.json")) else model
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    net = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").exists():
+            raise FileNotFoundError(f"adapter folder {adapter} has no adapter_config.json: point --adapter at "
+                                    "the folder `cla2 finetune` wrote")
+        if net.get_input_embeddings().weight.shape[0] != len(tokenizer):
+            net.resize_token_embeddings(len(tokenizer))
+        net = PeftModel.from_pretrained(net, str(adapter)).merge_and_unload()
+    torch_device = dev.torch_device()
+    net.to(torch_device).eval()
+    return net, tokenizer, torch_device
+
+
+def _out_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Left-pad a [B, H, T, D] cache tensor with n zero positions."""
+    if n == 0:
+        return t
+    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], n, t.shape[3]), t], dim=2)
+
+
+class Engine:
+    """Continuous-batching text generation over one model.
+
+    ``submit`` is thread-safe; ``stream``/``astream`` yield text deltas; ``generate`` runs many prompts
+    batched and returns their results in order.
+    """
+
+    def __init__(self, model, tokenizer, device: torch.device | None = None, max_batch_size: int = 8,
+                 name: str = "model", truncate: bool = False):
+        from transformers import DynamicCache
+
+        self._DynamicCache = DynamicCache
+        # transformers 5.x renamed the forward's `past_key_values` to `cache`; older ones (MLU images) have
+        # only the first.
+        import inspect
+
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device or next(model.parameters()).device
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.name = name
+        self.truncate = truncate
+        self.window = int(getattr(model.config, "max_position_embeddings", 4096))
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._active: list[Request] = []
+        self._cache = None
+        self._mask: torch.Tensor | None = None
+        self._cv = threading.Condition()
+        self._closed = False
+        self.steps = 0  # decode steps run (tests read it to see batching happen)
+        self.max_running = 0  # the largest batch seen
+        self._thread = threading.Thread(target=self._loop, name="cla2-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_pretrained(cls, model: Path, adapter: Path | None = None, device: str | None = None,
+                        dtype: str | None = None, max_batch_size: int = 8, name: str | None = None,
+                        truncate: bool = False) -> Engine:
+        net, tokenizer, torch_device = load_model(model, adapter, device, dtype)
+        return cls(net, tokenizer, torch_device, max_batch_size=max_batch_size,
+                   name=name or Path(model).resolve().name, truncate=truncate)
+
+    # ---- requests -------------------------------------------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._active)
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt, add_special_tokens=True).input_ids)
+        return [int(i) for i in prompt]
+
+    def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> tuple[list[int], int]:
+        """Refuse (or, with truncate, cut from the left) a prompt that leaves no room in the window.
+        Returns the prompt ids and the number of tokens that may be generated."""
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        if len(prompt_ids) >= self.window:
+            if not self.truncate:
+                raise ContextTooLong(
+                    f"the prompt is {len(prompt_ids)} tokens, but the model's context window is {self.window} "
+                    "tokens: shorten it (or start the server with truncation on)")
+            keep = max(1, self.window - min(params.max_new_tokens, self.window // 2))
+            head = prompt_ids[:1] if prompt_ids[0] == self.tokenizer.bos_token_id else []
+            prompt_ids = head + prompt_ids[len(prompt_ids) - keep + len(head):]
+        return prompt_ids, min(params.max_new_tokens, self.window - len(prompt_ids))
+
+    def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+               sink: Callable[[Event], None] | None = None) -> Request:
+        params = (params or SamplingParams()).validate(self.window)
+        prompt_ids, max_new = self.check_prompt(self.encode(prompt), params)
+        req = Request(prompt_ids, params, sink or (lambda e: None), self.tokenizer, self.vocab_size,
+                      self.device, self.eos_ids, max_new)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self._waiting.append(req)
+            self._cv.notify()
+        return req
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None
+               ) -> Iterator[str | Result]:
+        """Submit now (a bad request raises here), then yield text deltas and finally the Result.
+        Closing the iterator cancels the request."""
+        q: queue.Queue[Event] = queue.Queue()
+        req = self.submit(prompt, params, q.put)
+        return self._drain(req, q)
+
+    @staticmethod
+    def _drain(req: Request, q: queue.Queue) -> Iterator[str | Result]:
+        try:
+            while True:
+                ev = q.get()
+                if ev.result is not None:
+                    yield ev.result
+                    return
+                yield ev.text
+        finally:
+            req.cancel()
+
+    def astream(self, prompt: str | Sequence[int], params: SamplingParams | None = None
+                ) -> AsyncIterator[str | Result]:
+        """``stream`` for asyncio (call it inside the event loop): a disconnecting client closes the
+        iterator, which frees the batch slot."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[Event] = asyncio.Queue()
+        req = self.submit(prompt, params, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
+        return self._adrain(req, q)
+
+    @staticmethod
+    async def _adrain(req: Request, q: asyncio.Queue) -> AsyncIterator[str | Result]:
+        try:
+            while True:
+                ev = await q.get()
+                if ev.result is not None:
+                    yield ev.result
+                    return
+                yield ev.text
+        finally:
+            req.cancel()
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+                 | None = None) -> list[Result]:
+        """Run all prompts (batched by the engine) and return their results in order."""
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        done = threading.Semaphore(0)
+        results: list[Result | None] = [None] * len(prompts)
+
+        def sink_for(i: int) -> Callable[[Event], None]:
+            def sink(ev: Event) -> None:
+                if ev.result is not None:
+                    results[i] = ev.result
+                    done.release()
+            return sink
+
+        for i, (p, sp) in enumerate(zip(prompts, plist)):
+            self.submit(p, sp, sink_for(i))
+        for _ in prompts:
+            done.acquire()
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    # ---- the loop -------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._waiting and not self._active:
+                    self._cv.wait()
+                if self._closed:
+                    for r in [*self._active, *self._waiting]:
+                        r.finish("cancelled")
+                    return
+            try:
+                self._admit()
+                if self._active:
+                    self._step()
+            except Exception as exc:  # noqa: BLE001 - a failed step must not kill the server
+                for r in self._active:
+                    r.finish("error", error=f"{type(exc).__name__}: {exc}")
+                self._active, self._cache, self._mask = [], None, None
+
+    def _sample(self, req: Request, logits: torch.Tensor) -> int:
+        p = req.params
+        logits = logits.float()
+        if req.seen is not None:
+            penalized = torch.where(logits < 0, logits * p.repetition_penalty, logits / p.repetition_penalty)
+            logits = torch.where(req.seen, penalized, logits)
+        if p.temperature == 0:
+            return int(torch.argmax(logits))
+        logits = logits / p.temperature
+        if 0 < p.top_k < logits.shape[-1]:
+            values, indices = torch.topk(logits, p.top_k)
+        else:
+            values, indices = torch.sort(logits, descending=True)
+        probs = torch.softmax(values, dim=-1)
+        if p.top_p < 1.0:
+            before = torch.cumsum(probs, dim=-1) - probs
+            probs = probs.masked_fill(before >= p.top_p, 0.0)
+        choice = torch.multinomial(probs.cpu(), 1, generator=req.generator)
+        return int(indices[int(choice)])
+
+    @torch.inference_mode()
+    def _admit(self) -> None:
+        while len(self._active) < self.max_batch_size:
+            with self._cv:
+                if not self._waiting:
+                    return
+                req = self._waiting.popleft()
+            if req.cancelled:
+                req.finish("cancelled")
+                continue
+            try:
+                ids = torch.tensor([req.prompt_ids], device=self.device)
+                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1,
+                                 **{self._cache_kw: self._DynamicCache()})
+                req.push(self._sample(req, out.logits[0, -1]))
+            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                req.finish("error", error=f"{type(exc).__name__}: {exc}")
+                continue
+            if req.finish_reason is not None:
+                req.finish()
+                continue
+            self._join(req, _out_cache(out))
+
+    def _join(self, req: Request, cache) -> None:
+        """Stack a prefilled request's cache onto the running batch (left padding, masked out)."""
+        new_len = len(req.prompt_ids)
+        new_mask = torch.ones(1, new_len, dtype=torch.long, device=self.device)
+        if not self._active:
+            self._cache, self._mask, self._active = cache, new_mask, [req]
+            self.max_running = max(self.max_running, 1)
+            return
+        old_len = self._mask.shape[1]
+        total = max(old_len, new_len)
+        layers = []
+        for (k, v, *_), (nk, nv, *_) in zip(self._cache, cache):
+            layers.append((torch.cat([_pad_left(k, total - old_len), _pad_left(nk, total - new_len)]),
+                           torch.cat([_pad_left(v, total - old_len), _pad_left(nv, total - new_len)])))
+        self._cache = self._DynamicCache(layers)
+        pad = lambda m, n: torch.cat([m.new_zeros(m.shape[0], n), m], dim=1)  # noqa: E731
+        self._mask = torch.cat([pad(self._mask, total - old_len), pad(new_mask, total - new_len)])
+        self._active.append(req)
+        self.max_running = max(self.max_running, len(self._active))
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        active = self._active
+        input_ids = torch.tensor([[r.next_token] for r in active], device=self.device)
+        positions = torch.tensor([[r.position] for r in active], device=self.device)
+        mask = torch.cat([self._mask, self._mask.new_ones(len(active), 1)], dim=1)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self._cache_kw: self._cache})
+        self._cache, self._mask = _out_cache(out), mask
+        self.steps += 1
+        logits = out.logits[:, -1]
+        keep = []
+        for i, r in enumerate(active):
+            if not r.cancelled:
+                r.push(self._sample(r, logits[i]))
+            if r.cancelled:
+                r.finish("cancelled")
+            elif r.finish_reason is not None:
+                r.finish()
+            else:
+                keep.append(i)
+        if len(keep) == len(active):
+            return
+        self._active = [active[i] for i in keep]
+        if not keep:
+            self._cache, self._mask = None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self._mask = self._mask[index]
+        # Drop the columns that are padding for every remaining row.
+        lead = int((self._mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())
+        self._mask = self._mask[:, lead:]
+        self._cache = self._DynamicCache([(k[index, :, lead:], v[index, :, lead:]) for k, v, *_ in self._cache])

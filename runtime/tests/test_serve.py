@@ -1,0 +1,275 @@
+"""The OpenAI-compatible server over real HTTP (uvicorn in a thread on 127.0.0.1), tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from cla2.engine import Engine
+from cla2.serve import create_app
+
+KEY = "test-key-123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    e = Engine.from_pretrained(tiny_model, max_batch_size=4, name="tiny")
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    s = Server(create_app(engine, api_key=KEY, web=False))
+    yield s
+    s.stop()
+
+
+@pytest.fixture()
+def client(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+        yield c
+
+
+def sse_events(response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[6:]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_health_and_models(client):
+    r = client.get("/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok", "model": "tiny"}
+    r = client.get("/v1/models")
+    assert [m["id"] for m in r.json()["data"]] == ["tiny"]
+
+
+def test_chat_stream_equals_non_stream_and_shape(client):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "你好，龘是什么字？"}],
+            "max_tokens": 40, "temperature": 0.9, "seed": 7}
+    full = client.post("/v1/chat/completions", json=body).json()
+    assert full["object"] == "chat.completion"
+    text = full["choices"][0]["message"]["content"]
+    assert full["usage"]["completion_tokens"] > 0
+    assert full["usage"]["total_tokens"] == full["usage"]["prompt_tokens"] + full["usage"]["completion_tokens"]
+    with client.stream("POST", "/v1/chat/completions",
+                       json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == full["usage"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == full["choices"][0]["finish_reason"]
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1])
+    assert streamed == text
+    assert all("\ufffd" not in c["choices"][0]["delta"].get("content", "") for c in chunks[:-1])
+
+
+def test_completions_stream_and_greedy(client):
+    body = {"prompt": "从前有座山", "max_tokens": 20, "temperature": 0}
+    a = client.post("/v1/completions", json=body).json()
+    b = client.post("/v1/completions", json={**body, "seed": 123}).json()
+    assert a["object"] == "text_completion"
+    assert a["choices"][0]["text"] == b["choices"][0]["text"]  # temperature 0 is greedy: seed irrelevant
+    assert a["choices"][0]["finish_reason"] == "length" and a["usage"]["completion_tokens"] == 20
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == a["choices"][0]["text"]
+    assert "usage" not in events[-2]
+
+
+@pytest.mark.parametrize("kwargs,status,param", [
+    ({"content": b"{not json"}, 400, None),
+    ({"json": {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}}, 404, "model"),
+    ({"json": {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}}, 400, "temperature"),
+    ({"json": {"messages": [{"role": "user", "content": "hi"}], "top_p": 7}}, 400, "top_p"),
+    ({"json": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}}, 400, "max_new_tokens"),
+    ({"json": {"messages": [{"role": "user", "content": "hi"}], "top_k": -5}}, 400, "top_k"),
+    ({"json": {"messages": []}}, 400, "messages"),
+    ({"json": {"messages": [{"role": "robot", "content": "hi"}]}}, 400, None),
+    ({"json": {"messages": [{"role": "user", "content": "字" * 3000}]}}, 400, "messages"),
+])
+def test_bad_requests_get_openai_errors(client, kwargs, status, param):
+    r = client.post("/v1/chat/completions", **kwargs)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    if param:
+        assert err["param"] == param or (err["param"] or "").startswith(param)
+    if "字" in json.dumps(kwargs.get("json", {}), ensure_ascii=False) and status == 400 and param == "messages":
+        assert err["code"] == "context_length_exceeded" and "window" in err["message"]
+    # and the server keeps serving
+    ok = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_api_key_required(server):
+    body = {"prompt": "hi", "max_tokens": 2}
+    assert httpx.post(server.url + "/v1/completions", json=body).status_code == 401
+    r = httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/health").status_code == 200  # the monitor needs no key
+
+
+def test_metrics(client):
+    client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "stream": False})
+    text = client.get("/metrics").text
+    for name in ("cla2_requests_total", "cla2_generation_tokens_total", "cla2_queue_length",
+                 "cla2_time_to_first_token_seconds_count", "cla2_prompt_tokens_total"):
+        assert name in text
+    gen = [line for line in text.splitlines() if line.startswith("cla2_generation_tokens_total ")]
+    assert float(gen[0].split()[1]) >= 3
+
+
+def test_disconnect_frees_the_slot(server, engine):
+    body = {"prompt": "很久很久以前", "max_tokens": 900, "temperature": 0.8, "stream": True}
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(3)]
+            assert any(g.startswith("data: ") for g in got)
+            assert engine.num_running == 1
+    deadline = time.time() + 10
+    while engine.num_running and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.num_running == 0, "the request of a disconnected client is still decoding"
+
+
+def test_concurrent_requests_share_batches(server, engine):
+    import concurrent.futures as cf
+
+    def one(i):
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+            return c.post("/v1/completions", json={"prompt": f"第{i}个", "max_tokens": 60,
+                                                   "temperature": 0}).json()
+
+    engine.max_running = 0
+    with cf.ThreadPoolExecutor(4) as ex:
+        outs = list(ex.map(one, range(4)))
+    assert all(o["usage"]["completion_tokens"] == 60 for o in outs)
+    assert engine.max_running >= 3
+
+
+def test_openai_client_round_trip(server):
+    import openai
+
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY)
+    assert [m.id for m in c.models.list()] == ["tiny"]
+    r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "你好"}], max_tokens=16,
+                                  temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens > 0
+    stream = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "你好"}],
+                                       max_tokens=16, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    parts, usage = [], None
+    for ch in stream:
+        if ch.choices:
+            parts.append(ch.choices[0].delta.content or "")
+        if ch.usage:
+            usage = ch.usage
+    assert "".join(parts) == r.choices[0].message.content
+    assert usage.completion_tokens == r.usage.completion_tokens
+    comp = c.completions.create(model="tiny", prompt="一二三", max_tokens=5, temperature=0)
+    assert comp.choices[0].finish_reason == "length"
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="bad").models.list()
+
+
+def test_health_reports_loading_then_error(tmp_path):
+    import threading as th
+
+    gate = th.Event()
+
+    def loader():
+        gate.wait(10)
+        raise FileNotFoundError("model folder /nowhere holds no weights")
+
+    s = Server(create_app(model_name="x", web=False, loader=loader))
+    try:
+        r = httpx.get(s.url + "/health")
+        assert r.status_code == 503 and r.json() == {"status": "loading"}
+        assert httpx.post(s.url + "/v1/completions", json={"prompt": "x"}).status_code == 503
+        gate.set()
+        deadline = time.time() + 10
+        while httpx.get(s.url + "/health").json()["status"] == "loading" and time.time() < deadline:
+            time.sleep(0.05)
+        r = httpx.get(s.url + "/health")
+        assert r.status_code == 503 and r.json()["status"] == "error" and "no weights" in r.json()["error"]
+    finally:
+        s.stop()
+
+
+def test_cli_refuses_public_bind_without_key(tiny_model):
+    env = {k: v for k, v in os.environ.items() if k != "CLA2_API_KEY"}
+    p = subprocess.run([sys.executable, "-m", "cla2", "serve", "--model", str(tiny_model), "--host", "0.0.0.0"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode != 0 and "API key" in p.stderr
+
+
+def test_cli_serve_process(tiny_model):
+    """`cla2 serve` as operators run it: listens, loads, answers, with the key from the environment."""
+    port = free_port()
+    env = {**os.environ, "CLA2_API_KEY": KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "cla2", "serve", "--model", str(tiny_model), "--port", str(port),
+                             "--no-web", "--model-name", "alpaca"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        status = None
+        while time.time() < deadline:
+            try:
+                r = httpx.get(url + "/health")
+                status = r.json()["status"]
+                if status != "loading":
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        assert status == "ok"
+        r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": "alpaca", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["model"] == "alpaca"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
