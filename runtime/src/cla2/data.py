@@ -1,0 +1,280 @@
+"""Training data: Alpaca-format instruction records and raw text, read, checked and tokenized.
+
+Instruction data (``cla2 finetune``) is a JSON array of records or JSON Lines, one file or a folder of
+``*.json`` / ``*.jsonl`` files; each record has ``instruction`` and ``output`` strings and an optional
+``input`` string. A record becomes the Alpaca-2 prompt (prompts.py) followed by its output and ``</s>``;
+the loss is on the output and ``</s>`` only, as in the seed's build_dataset.py.
+
+Pre-training data (``cla2 pretrain``) is a folder of UTF-8 ``*.txt`` files; every line is tokenized
+(with ``<s>``), all lines are joined and cut into blocks of ``block_size`` tokens; the tail that does
+not fill a block is dropped. The blocks are cached, keyed by tokenizer, block size and data.
+
+Every error names the file, the record (line) and what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from cla2.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, join_instruction
+
+IGNORE_INDEX = -100
+INSTRUCTION_SUFFIXES = (".json", ".jsonl")
+
+
+class DataError(ValueError):
+    """The training data is not usable; the message says where and how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------- files
+def data_files(path: Path, suffixes: Sequence[str]) -> list[Path]:
+    """``path`` itself, or the files with one of ``suffixes`` in the folder ``path`` (sorted, recursive)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data path {path} does not exist: point --data at a file or a folder of "
+                        f"{' / '.join(suffixes)} files")
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise DataError(f"data folder {path} holds no {' / '.join(suffixes)} files: put the data there "
+                        "or point --data at the file")
+    return files
+
+
+def fingerprint(files: Sequence[Path]) -> str:
+    """sha256 over the names and bytes of the data files: run.json records it, the cache is keyed by it."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- instruction records
+def _check_record(rec: object, where: str) -> dict:
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: a record must be a JSON object with instruction, input and output, "
+                        f"got {type(rec).__name__}")
+    missing = [k for k in ("instruction", "output") if k not in rec]
+    if missing:
+        raise DataError(f"{where}: missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                        f"(has {', '.join(sorted(rec)) or 'no fields'}): every record needs "
+                        "\"instruction\" and \"output\" strings, \"input\" is optional")
+    for k in ("instruction", "input", "output"):
+        v = rec.get(k)
+        if k == "input" and v is None:
+            continue
+        if not isinstance(v, str):
+            raise DataError(f"{where}: field {k!r} must be a string, got {type(v).__name__}")
+    if not rec["output"].strip():
+        raise DataError(f"{where}: field 'output' is empty: there is nothing to train on; remove the record "
+                        "or fill in the answer")
+    return {"instruction": rec["instruction"], "input": rec.get("input") or "", "output": rec["output"]}
+
+
+def _read_file(f: Path) -> list[dict]:
+    try:
+        text = f.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{f}: not UTF-8 text ({exc}): save the file as UTF-8") from None
+    stripped = text.lstrip()
+    records = []
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{f}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}; "
+                            "fix the file (a JSON array of records, or one JSON object per line)") from None
+        # line of each record is not known for an array: name it by position
+        for i, rec in enumerate(data):
+            records.append(_check_record(rec, f"{f}: record {i + 1} of the array"))
+        return records
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{f}: line {lineno}: malformed JSON record ({exc.msg}, column {exc.colno}): "
+                            "fix the line, or remove it; JSON Lines need one complete object per line") from None
+        records.append(_check_record(rec, f"{f}: line {lineno}"))
+    return records
+
+
+def load_instructions(path: Path) -> tuple[list[dict], list[Path]]:
+    """Read and check every record of a file or folder; returns (records, files)."""
+    files = data_files(path, INSTRUCTION_SUFFIXES)
+    records: list[dict] = []
+    for f in files:
+        records.extend(_read_file(f))
+    if not records:
+        raise DataError(f"dataset {path} is empty ({', '.join(str(f) for f in files)} hold no record): "
+                        "add Alpaca-format records (instruction, input, output)")
+    return records, files
+
+
+def tokenize_instruction(record: dict, tokenizer, max_seq_length: int,
+                         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> dict[str, list[int]]:
+    """``<s>`` + prompt (label -100) followed by output + ``</s>`` (labelled), cut to ``max_seq_length``."""
+    prompt = build_prompt(join_instruction(record["instruction"], record["input"]), system_prompt)
+    source = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    target = tokenizer(record["output"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    input_ids = (source + target)[:max_seq_length]
+    labels = ([IGNORE_INDEX] * len(source) + target)[:max_seq_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    """A list of {input_ids, labels} examples (lists of ints)."""
+
+    def __init__(self, examples: list[dict[str, list[int]]]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.examples[i]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(e["input_ids"]) for e in self.examples]
+
+
+def instruction_dataset(path: Path, tokenizer, max_seq_length: int,
+                        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+                        progress: bool = True) -> tuple[TokenizedDataset, dict]:
+    """Load, check and tokenize; returns the dataset and a description for run.json."""
+    from tqdm.auto import tqdm
+
+    records, files = load_instructions(path)
+    examples = []
+    dropped = 0
+    for rec in tqdm(records, desc="tokenizing", unit="rec", disable=not progress or len(records) < 2000):
+        ex = tokenize_instruction(rec, tokenizer, max_seq_length, system_prompt)
+        if all(label == IGNORE_INDEX for label in ex["labels"]):
+            dropped += 1  # the prompt alone fills max_seq_length: nothing left to learn from
+            continue
+        examples.append(ex)
+    if not examples:
+        raise DataError(f"dataset {path}: every record's prompt is longer than --max-seq-length "
+                        f"{max_seq_length}, so no answer token is left to train on: raise --max-seq-length")
+    info = {"path": str(path), "files": [str(f) for f in files], "fingerprint": fingerprint(files),
+            "records": len(records), "examples": len(examples), "dropped_too_long": dropped,
+            "tokens": sum(len(e["input_ids"]) for e in examples)}
+    return TokenizedDataset(examples), info
+
+
+class PadCollator:
+    """Pad a batch to its longest example (right side): pad id, attention 0, label -100.
+
+    ``pad_to_multiple_of`` rounds the length up (8 suits accelerator matmuls).
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        n = max(len(e["input_ids"]) for e in batch)
+        if self.multiple:
+            n = -(-n // self.multiple) * self.multiple
+        ids = torch.full((len(batch), n), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, e in enumerate(batch):
+            k = len(e["input_ids"])
+            ids[i, :k] = torch.tensor(e["input_ids"])
+            labels[i, :k] = torch.tensor(e["labels"])
+            mask[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+# -------------------------------------------------------------------------------------- raw text
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's files (vocabulary and settings) and its size."""
+    h = hashlib.sha256(str(len(tokenizer)).encode())
+    folder = Path(getattr(tokenizer, "name_or_path", "") or "")
+    vocab_file = getattr(tokenizer, "vocab_file", None)
+    files = [Path(vocab_file)] if vocab_file else []
+    if folder.is_dir():
+        files += sorted(p for p in folder.iterdir()
+                        if p.is_file() and (p.name.startswith("tokenizer") or p.name == "special_tokens_map.json"))
+    for f in dict.fromkeys(files):
+        if f.is_file():
+            h.update(f.read_bytes())
+    h.update(json.dumps(tokenizer.all_special_tokens).encode())
+    return h.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CLA2_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cla2")
+
+
+class BlockDataset(torch.utils.data.Dataset):
+    """Fixed blocks of ``block_size`` tokens; labels = input ids."""
+
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        ids = self.blocks[i].tolist()
+        return {"input_ids": ids, "labels": ids}
+
+    @property
+    def lengths(self) -> list[int]:
+        return [self.blocks.shape[1]] * len(self)
+
+
+def text_dataset(folder: Path, tokenizer, block_size: int, cache_dir: Path | None = None,
+                 progress: bool = True) -> tuple[BlockDataset, dict]:
+    """Tokenize the .txt files of ``folder`` into blocks, once: later runs read the cache."""
+    from tqdm.auto import tqdm
+
+    folder = Path(folder)
+    if folder.is_file():
+        raise DataError(f"--data {folder} is a file: cla2 pretrain reads a folder of .txt files")
+    files = data_files(folder, (".txt",))
+    data_fp = fingerprint(files)
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    key = hashlib.sha256(f"{tok_fp}:{block_size}:{data_fp}".encode()).hexdigest()[:24]
+    cache = Path(cache_dir or default_cache_dir()) / "pretrain" / f"blocks-{block_size}-{key}.pt"
+    info = {"path": str(folder), "files": [str(f) for f in files], "fingerprint": data_fp,
+            "tokenizer_fingerprint": tok_fp, "block_size": block_size, "cache": str(cache)}
+    if cache.exists():
+        blocks = torch.load(cache, weights_only=True)
+        info.update(blocks=int(blocks.shape[0]), tokens=int(blocks.numel()), cache_hit=True)
+        return BlockDataset(blocks), info
+    ids: list[int] = []
+    for f in tqdm(files, desc="tokenizing", unit="file", disable=not progress):
+        try:
+            lines = [ln for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{f}: not UTF-8 text ({exc}): save the file as UTF-8") from None
+        for start in range(0, len(lines), 1000):
+            for seq in tokenizer(lines[start:start + 1000], add_special_tokens=True)["input_ids"]:
+                ids.extend(seq)
+    n = len(ids) // block_size
+    if n == 0:
+        raise DataError(f"data folder {folder} holds {len(ids)} tokens, fewer than one block of "
+                        f"--block-size {block_size}: add text or lower --block-size")
+    blocks = torch.tensor(ids[: n * block_size], dtype=torch.int32).view(n, block_size)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+    torch.save(blocks, tmp)
+    tmp.replace(cache)
+    info.update(blocks=n, tokens=n * block_size, dropped_tail_tokens=len(ids) - n * block_size, cache_hit=False)
+    return BlockDataset(blocks), info

@@ -1,0 +1,393 @@
+"""What `cla2 finetune` and `cla2 pretrain` share: checks, LoRA set-up, the Trainer run and the outputs.
+
+The jobs build a dataset; :func:`run` does the rest, in this order, so that bad input fails before
+anything is written: device and dtype, output folder (resume / overwrite), DeepSpeed config, model
+weights, tokenizer size against the model's vocabulary, the dataset. Only then is --out created.
+
+Outputs in --out: ``adapter_config.json`` + ``adapter_model.safetensors`` (a standard PEFT adapter),
+the tokenizer, ``run.json`` (resolved arguments, versions, device, world size, data fingerprint, metrics,
+base model) and ``loss.png``; ``checkpoint-*/`` folders (the last ``save_total_limit``) for --resume.
+
+Multi-device and multi-node runs are started by torchrun or the DeepSpeed launcher; every rank runs
+this same code, rank 0 writes the files. Under ZeRO-3 the adapter's parameters are gathered from all
+ranks before saving, so the adapter is complete (the seed's ZeRO-3 runs saved empty tensors).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from cla2 import __version__
+from cla2.device import Device, parse_dtype, pick
+from cla2.io import OutputExistsError, weight_files
+
+CONFIGS = Path(__file__).parent / "configs"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MODULES_TO_SAVE = ("embed_tokens", "lm_head")
+RUN_FILE = "run.json"
+# Settings that must not change between an interrupted run and its --resume.
+RESUME_KEYS = ("model", "data", "lora_rank", "lora_alpha", "lora_targets", "modules_to_save", "batch_size",
+               "gradient_accumulation_steps", "max_seq_length", "block_size", "deepspeed")
+
+
+class TrainingSetupError(ValueError):
+    """Something about the inputs of a training run is wrong; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def world() -> tuple[int, int]:
+    """(rank, world size) from the launcher's environment (torchrun, deepspeed), before any init."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    """The checkpoint-N folder with the highest N that holds a trainer_state.json (a complete save)."""
+    if not out.is_dir():
+        return None
+    found = []
+    for p in out.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and p.is_dir() and (p / "trainer_state.json").exists():
+            found.append((int(m.group(1)), p))
+    return max(found)[1] if found else None
+
+
+def resolve_deepspeed(deepspeed: str | None) -> dict | None:
+    """'zero2' / 'zero3' -> the bundled config; a path -> that JSON file; None -> no DeepSpeed."""
+    if not deepspeed:
+        return None
+    if deepspeed in ("zero2", "zero3"):
+        path = CONFIGS / f"ds_{deepspeed}.json"
+    else:
+        path = Path(deepspeed)
+        if not path.is_file():
+            raise TrainingSetupError(f"--deepspeed {deepspeed}: no such file; use zero2, zero3 or a JSON config file")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise TrainingSetupError(f"--deepspeed {path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
+    try:
+        import deepspeed as _  # noqa: F401
+    except ImportError:
+        raise TrainingSetupError("--deepspeed needs the deepspeed package: pip install 'cla2[deepspeed]'") from None
+    return config
+
+
+def check_vocab(tokenizer, tokenizer_dir: Path, model_dir: Path) -> int:
+    """The seed's 55296 check, generalised: the tokenizer must have exactly the model's vocabulary size."""
+    config = json.loads((model_dir / "config.json").read_text())
+    vocab = config.get("vocab_size")
+    if vocab is None and isinstance(config.get("text_config"), dict):
+        vocab = config["text_config"].get("vocab_size")
+    if vocab != len(tokenizer):
+        raise TrainingSetupError(
+            f"tokenizer {tokenizer_dir} has {len(tokenizer)} pieces but model {model_dir} has a vocabulary of "
+            f"{vocab} (config.json vocab_size): use the tokenizer the model was trained with "
+            "(Chinese-LLaMA-2 / Alpaca-2 use 55296), or pass --tokenizer pointing at it"
+        )
+    return vocab
+
+
+def versions() -> dict[str, str | None]:
+    import importlib.metadata as md
+
+    out: dict[str, str | None] = {"cla2": __version__, "torch": torch.__version__}
+    for name in ("transformers", "peft", "accelerate", "deepspeed", "torch_mlu", "safetensors"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _jsonable(v):
+    if isinstance(v, Path):
+        return str(v.resolve())
+    if isinstance(v, tuple | list):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def check_out(out: Path, job: str, resume: bool, overwrite: bool, settings: dict) -> Path | None:
+    """Apply the resume / overwrite rules; returns the checkpoint to resume from, or None."""
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output {out} exists and is not a folder: choose another --out")
+    busy = out.is_dir() and any(out.iterdir())
+    ckpt = last_checkpoint(out) if resume else None
+    previous = None
+    if busy and (out / RUN_FILE).exists():
+        try:
+            previous = json.loads((out / RUN_FILE).read_text())
+        except json.JSONDecodeError:
+            previous = None
+    if resume and previous is not None:
+        if previous.get("job") != job:
+            raise TrainingSetupError(f"--out {out} holds a {previous.get('job')} run, not {job}: choose another --out")
+        before = previous.get("args", {})
+        changed = [k for k in RESUME_KEYS if k in settings and k in before and before[k] != settings[k]]
+        if changed:
+            diff = "; ".join(f"{k}: {before[k]!r} then, {settings[k]!r} now" for k in changed)
+            raise TrainingSetupError(f"--resume in {out}: the run there was started with other settings ({diff}): "
+                                     "repeat the original flags, or choose another --out")
+    if resume and (ckpt is not None or previous is not None):
+        return ckpt  # continue (or start afresh in our own folder when no checkpoint was saved yet)
+    if busy and not overwrite:
+        hint = "pass --resume to continue it, " if last_checkpoint(out) else ""
+        raise OutputExistsError(f"output folder {out} exists and is not empty: {hint}choose another --out, "
+                                "or pass --overwrite to write into it")
+    return None
+
+
+def plot_loss(log_history: Sequence[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if points:
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 50 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _training_arguments(**kwargs):
+    """TrainingArguments across transformers 4.40 .. 5.x (renamed and removed fields)."""
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    warmup = kwargs.pop("warmup_ratio")
+    if "warmup_ratio" in fields:
+        kwargs["warmup_ratio"] = warmup
+    else:
+        kwargs["warmup_steps"] = warmup  # 5.x: a float below 1 is a ratio
+    group = kwargs.pop("group_by_length")
+    if "train_sampling_strategy" in fields:
+        kwargs["train_sampling_strategy"] = "group_by_length" if group else "random"
+    else:
+        kwargs["group_by_length"] = group
+    if kwargs.pop("use_cpu"):
+        kwargs["use_cpu" if "use_cpu" in fields else "no_cuda"] = True
+    unknown = [k for k in kwargs if k not in fields]
+    for k in unknown:
+        kwargs.pop(k)
+    return TrainingArguments(**kwargs)
+
+
+def adapter_state(model, zero3: bool) -> dict[str, torch.Tensor]:
+    """The trainable tensors (LoRA + modules_to_save) as full CPU tensors, gathered from all ranks under ZeRO-3.
+
+    Collective under ZeRO-3: every rank must call it.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            return {n: p.detach().to("cpu", copy=True) for n, p in named}
+    return {n: p.detach().to("cpu", copy=True) for n, p in named}
+
+
+# --------------------------------------------------------------------------------------- the run
+def run(
+    *,
+    job: str,
+    make_dataset: Callable,
+    args: dict,
+    model: Path,
+    out: Path,
+    tokenizer: Path | None,
+    max_steps: int,
+    epochs: float,
+    batch_size: int,
+    gradient_accumulation_steps: int,
+    lr: float,
+    warmup_ratio: float,
+    weight_decay: float,
+    lora_rank: int,
+    lora_alpha: float,
+    lora_dropout: float,
+    lora_targets: Sequence[str],
+    modules_to_save: Sequence[str],
+    deepspeed: str | None,
+    dtype: str,
+    gradient_checkpointing: bool,
+    group_by_length: bool,
+    save_steps: int,
+    save_total_limit: int,
+    logging_steps: int,
+    resume: bool,
+    overwrite: bool,
+    device: str,
+    seed: int,
+    callbacks: Sequence | None = None,
+) -> dict:
+    """Check everything, train, save the adapter, run.json and loss.png; returns run.json's content."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, set_seed
+
+    out, model = Path(out), Path(model)
+    rank, world_size = world()
+    dev: Device = pick(device)
+    torch_dtype = parse_dtype(dtype, dev)
+    settings = {k: _jsonable(v) for k, v in args.items() if not k.startswith("_")}
+    resume_from = check_out(out, job, resume, overwrite, settings)
+    ds_config = resolve_deepspeed(deepspeed)
+    zero3 = bool(ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3)
+    weight_files(model)  # a model folder without weights fails here, before anything is written
+    if not (model / "config.json").exists():
+        raise FileNotFoundError(f"model folder {model} has no config.json: point --model at a Hugging Face model folder")
+    tok_dir = Path(tokenizer) if tokenizer else model
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    check_vocab(tok, tok_dir, model)
+    if lora_rank <= 0:
+        raise TrainingSetupError(f"--lora-rank must be positive, got {lora_rank}")
+    if max_steps <= 0 and epochs <= 0:
+        raise TrainingSetupError("give --max-steps N or --epochs F (> 0)")
+    dataset, data_info = make_dataset(tok)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.unk_token_id or 0)
+
+    # Nothing was written so far; from here on --out is ours.
+    set_seed(seed)
+    training_args = _training_arguments(
+        output_dir=str(out), overwrite_output_dir=True, max_steps=max_steps if max_steps > 0 else -1,
+        num_train_epochs=epochs if epochs > 0 else 1.0, per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=lr, lr_scheduler_type="cosine",
+        warmup_ratio=warmup_ratio, weight_decay=weight_decay, logging_steps=logging_steps,
+        logging_first_step=True, save_strategy="steps", save_steps=save_steps, save_total_limit=save_total_limit,
+        bf16=torch_dtype == torch.bfloat16, fp16=torch_dtype == torch.float16, gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        group_by_length=group_by_length, deepspeed=ds_config, use_cpu=dev.kind == "cpu",
+        ddp_backend=dev.backend if world_size > 1 else None, ddp_find_unused_parameters=False, seed=seed,
+        data_seed=seed, report_to=[], remove_unused_columns=False, label_names=["labels"],
+        dataloader_num_workers=0, save_safetensors=True, disable_tqdm=rank != 0,
+    )
+    # Accelerators hold the frozen base in the training dtype; CPU keeps fp32 and autocasts.
+    base = _load_model(AutoModelForCausalLM, model, torch_dtype if dev.kind != "cpu" else torch.float32)
+    if gradient_checkpointing:
+        base.enable_input_require_grads()
+    peft_model = _peft(base, lora_rank, lora_alpha, lora_dropout, lora_targets, modules_to_save)
+    if ds_config is None:
+        # Trainable tensors (LoRA, full embed_tokens / lm_head) in fp32: AdamW and the fp16 grad scaler need it.
+        for p in peft_model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+    if rank == 0:
+        peft_model.print_trainable_parameters()
+
+    started = time.time()
+    record = {
+        "job": job, "status": "running", "args": settings, "base_model": str(model.resolve()),
+        "tokenizer": str(tok_dir.resolve()), "vocab_size": len(tok), "device": dev.kind,
+        "dtype": str(torch_dtype).replace("torch.", ""), "world_size": world_size, "deepspeed": ds_config,
+        "data": data_info, "versions": versions(), "resumed_from": str(resume_from) if resume_from else None,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+    }
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / RUN_FILE, record)
+
+    class SaveAtEnd(TrainerCallback):
+        # A checkpoint at the last step, so that --resume of a finished run trains nothing more.
+        def on_step_end(self, args, state, control, **kw):
+            if state.max_steps and state.global_step >= state.max_steps:
+                control.should_save = True
+            return control
+
+    from cla2.data import PadCollator
+
+    collator = PadCollator(pad_id, pad_to_multiple_of=8 if dev.kind != "cpu" else None)
+    trainer = Trainer(model=peft_model, args=training_args, train_dataset=dataset, data_collator=collator,
+                      callbacks=[SaveAtEnd(), *(callbacks or [])])
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    state = adapter_state(trainer.model, zero3)  # collective under ZeRO-3
+    if trainer.is_world_process_zero():
+        tmp = out / ".adapter.partial"
+        tmp.mkdir(exist_ok=True)
+        unwrap = trainer.model
+        unwrap.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        empty = [n for n, t in state.items() if t.numel() == 0]
+        if empty:
+            raise RuntimeError(f"adapter tensors came out empty ({len(empty)}, e.g. {empty[0]}): "
+                               "this is a bug, please report it with run.json")
+        for f in tmp.iterdir():
+            f.replace(out / f.name)
+        tmp.rmdir()
+        copy_tokenizer(tok_dir, out)
+        _record_base(out, model)
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        record.update(
+            status="complete",
+            finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            metrics={
+                "train_loss": result.training_loss, "first_loss": losses[0] if losses else None,
+                "final_loss": losses[-1] if losses else None, "global_step": trainer.state.global_step,
+                "epoch": trainer.state.epoch, "train_runtime_s": round(time.time() - started, 2),
+                "trainable_parameters": sum(t.numel() for t in state.values()),
+            },
+            log_history=trainer.state.log_history,
+        )
+        plot_loss(trainer.state.log_history, out / "loss.png", f"cla2 {job}: {model.name}")
+        _write_json(out / RUN_FILE, record)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return record
+
+
+def _load_model(auto_cls, model: Path, dtype: torch.dtype):
+    try:
+        return auto_cls.from_pretrained(model, dtype=dtype)
+    except TypeError:  # transformers < 4.56 spells it torch_dtype
+        return auto_cls.from_pretrained(model, torch_dtype=dtype)
+
+
+def _peft(base, r: int, alpha: float, dropout: float, targets: Sequence[str], modules_to_save: Sequence[str]):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
+    missing = [t for t in (*targets, *modules_to_save) if t not in names]
+    if missing:
+        raise TrainingSetupError(f"--lora-targets / --modules-to-save name modules the model does not have: "
+                                 f"{', '.join(missing)} (LLaMA has q_proj, k_proj, v_proj, o_proj, gate_proj, "
+                                 "up_proj, down_proj, embed_tokens, lm_head)")
+    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=list(targets), modules_to_save=list(modules_to_save) or None,
+                        inference_mode=False)
+    return get_peft_model(base, config)
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    """Copy the tokenizer files as they are (tokenizer.model, configs), so the output matches the base."""
+    import shutil
+
+    for f in Path(src).iterdir():
+        if f.is_file() and (f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "added_tokens.json")):
+            shutil.copyfile(f, Path(dst) / f.name)
+
+
+def _record_base(out: Path, model: Path) -> None:
+    """Point adapter_config.json's base_model_name_or_path at the base folder (absolute)."""
+    path = out / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = str(model.resolve())
+    _write_json(path, config)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+    tmp.replace(path)
