@@ -262,7 +262,15 @@ def load_model(model: Path, adapter: Path | None = None, device: str | None = No
     return net, tokenizer, torch_device
 
 
-def _out_cache(out):
+def cache_kwarg(module) -> str:
+    """transformers 5.x renamed the forward's `past_key_values` to `cache`; older ones (MLU images) have
+    only the first."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
 
@@ -286,11 +294,7 @@ class Engine:
         from transformers import DynamicCache
 
         self._DynamicCache = DynamicCache
-        # transformers 5.x renamed the forward's `past_key_values` to `cache`; older ones (MLU images) have
-        # only the first.
-        import inspect
-
-        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._cache_kw = cache_kwarg(model)
         self.model = model
         self.tokenizer = tokenizer
         self.device = device or next(model.parameters()).device
@@ -419,7 +423,7 @@ class Engine:
                     done.release()
             return sink
 
-        for i, (p, sp) in enumerate(zip(prompts, plist)):
+        for i, (p, sp) in enumerate(zip(prompts, plist, strict=True)):
             self.submit(p, sp, sink_for(i))
         for _ in prompts:
             done.acquire()
@@ -492,7 +496,7 @@ class Engine:
             if req.finish_reason is not None:
                 req.finish()
                 continue
-            self._join(req, _out_cache(out))
+            self._join(req, output_cache(out))
 
     def _join(self, req: Request, cache) -> None:
         """Stack a prefilled request's cache onto the running batch (left padding, masked out)."""
@@ -505,7 +509,7 @@ class Engine:
         old_len = self._mask.shape[1]
         total = max(old_len, new_len)
         layers = []
-        for (k, v, *_), (nk, nv, *_) in zip(self._cache, cache):
+        for (k, v, *_), (nk, nv, *_) in zip(self._cache, cache, strict=True):
             layers.append((torch.cat([_pad_left(k, total - old_len), _pad_left(nk, total - new_len)]),
                            torch.cat([_pad_left(v, total - old_len), _pad_left(nv, total - new_len)])))
         self._cache = self._DynamicCache(layers)
@@ -522,7 +526,7 @@ class Engine:
         mask = torch.cat([self._mask, self._mask.new_ones(len(active), 1)], dim=1)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          **{self._cache_kw: self._cache})
-        self._cache, self._mask = _out_cache(out), mask
+        self._cache, self._mask = output_cache(out), mask
         self.steps += 1
         logits = out.logits[:, -1]
         keep = []

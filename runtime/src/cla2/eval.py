@@ -1,0 +1,365 @@
+"""`cla2 eval ceval|cmmlu`: multiple-choice accuracy, zero- or few-shot, in the seed's report layout.
+
+The prompt is the seed evaluator's, character for character: the question, ``\\nA. …\\nB. …\\nC. …\\nD. …``,
+then ``\\n答案：`` (wrapped in the Alpaca-2 template with --with-prompt). Few-shot puts
+``以下是中国关于{科目}考试的单项选择题，请选出其中的正确答案。\\n\\n`` (the subject's Chinese name) and the
+first k dev rows, each ending ``\\n答案：X\\n\\n``, before the question.
+
+The answer is read from the next-token logits at the end of the prompt: for each letter, the logit of the
+letter as it follows ``答案：`` plus the logit of the letter on its own (two different tokens in the
+Chinese-LLaMA-2 vocabulary), and the largest sum wins. The few-shot prefix of a subject is run through
+the model once; its KV cache is shared by every question of the subject, and the questions go through in
+right-padded batches (the padding sits after each question, where causal attention never looks).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from cla2.prompts import build_prompt
+
+CHOICES = "ABCD"
+FEW_SHOT_HEADER = "以下是中国关于{}考试的单项选择题，请选出其中的正确答案。\n\n"
+GROUPS = ("STEM", "Social Science", "Humanities", "Other")
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    eval_split: str  # the split with answers that is scored
+    file_pattern: str  # {split}/{subject}... relative to --data
+    question_col: str
+    answer_col: str
+
+    def path(self, data: Path, subject: str, split: str) -> Path:
+        return Path(data) / self.file_pattern.format(split=split, subject=subject)
+
+
+BENCHMARKS = {
+    "ceval": Benchmark("ceval", "val", "{split}/{subject}_{split}.csv", "question", "answer"),
+    "cmmlu": Benchmark("cmmlu", "test", "{split}/{subject}.csv", "Question", "Answer"),
+}
+
+
+def subjects_of(benchmark: str) -> dict[str, tuple[str, str, list[str]]]:
+    """subject -> (English name, Chinese name, categories), shipped in the package."""
+    text = resources.files("cla2").joinpath(f"assets/{benchmark}_subjects.json").read_text(encoding="utf-8")
+    out = {}
+    for key, (en, zh, cat) in json.loads(text).items():
+        out[key] = (en, zh, cat if isinstance(cat, list) else [cat])
+    return out
+
+
+@dataclass
+class Question:
+    id: str
+    question: str
+    options: dict[str, str]
+    answer: str | None
+
+
+def read_csv(path: Path, bench: Benchmark, need_answer: bool) -> list[Question]:
+    """Rows of one subject file; a missing file or a malformed row is an error naming file and row."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the {bench.name} data folder needs it for this subject "
+                                "(choose the subjects that exist with --subjects)")
+    rows = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        need = [bench.question_col, *CHOICES] + ([bench.answer_col] if need_answer else [])
+        missing = [c for c in need if c not in cols]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(cols) or 'none'})")
+        for n, rec in enumerate(reader, 1):
+            where = f"{path}, row {n} (line {reader.line_num})"
+            if None in rec or any(rec.get(c) is None for c in need):
+                raise ValueError(f"{where}: wrong number of fields")
+            answer = (rec.get(bench.answer_col) or "").strip() or None
+            if need_answer and answer not in CHOICES:
+                raise ValueError(f"{where}: answer {answer!r} is not one of A, B, C, D")
+            if not rec[bench.question_col].strip():
+                raise ValueError(f"{where}: empty question")
+            qid = rec.get("id") if rec.get("id") not in (None, "") else rec.get("", str(n - 1))
+            rows.append(Question(str(qid), rec[bench.question_col], {c: rec[c] for c in CHOICES}, answer))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def format_example(q: Question, include_answer: bool) -> str:
+    """The seed's format: question, the four options, then 答案： (and the answer for exemplars)."""
+    text = q.question
+    for c in CHOICES:
+        text += f"\n{c}. {q.options[c]}"
+    text += "\n答案："
+    if include_answer:
+        text += f"{q.answer}\n\n"
+    return text
+
+
+def few_shot_prefix(subject_zh: str, dev: list[Question], shots: int) -> str:
+    if shots == 0:
+        return ""
+    return FEW_SHOT_HEADER.format(subject_zh) + "".join(format_example(q, True) for q in dev[:shots])
+
+
+def question_prompt(q: Question, with_prompt: bool) -> str:
+    text = format_example(q, False)
+    return build_prompt(text) if with_prompt else text
+
+
+def letter_token_ids(tokenizer) -> list[list[int]]:
+    """For each letter: [the token of the letter after 答案：, the token of the letter alone]."""
+    ids = []
+    for c in CHOICES:
+        after = tokenizer("答案：" + c, add_special_tokens=False).input_ids[-1]
+        alone = tokenizer(c, add_special_tokens=False).input_ids[-1]
+        ids.append([after, alone])
+    return ids
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Scorer:
+    """Batched A/B/C/D scoring with a shared prefix KV cache."""
+
+    def __init__(self, model, tokenizer, device: torch.device, batch_size: int = 16):
+        from transformers import DynamicCache
+
+        from cla2.engine import cache_kwarg
+
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.batch_size = max(1, batch_size)
+        self.decoder = model.get_decoder()
+        self.cache_kw = cache_kwarg(self.decoder)
+        self.DynamicCache = DynamicCache
+        letters = torch.tensor(letter_token_ids(tokenizer), device=device)  # [4, 2]
+        head = model.get_output_embeddings().weight
+        # Only the 8 rows of the output layer that matter: the logits of the letters, nothing else.
+        self.head = head[letters.flatten()].float()  # [8, hidden]
+        self.forwards = 0
+
+    def _run(self, ids: torch.Tensor, cache, start: int) -> tuple[torch.Tensor, object]:
+        positions = torch.arange(start, start + ids.shape[1], device=self.device).unsqueeze(0).expand(ids.shape[0], -1)
+        out = self.decoder(input_ids=ids, position_ids=positions, use_cache=True, **{self.cache_kw: cache})
+        self.forwards += 1
+        from cla2.engine import output_cache
+
+        return out.last_hidden_state, output_cache(out)
+
+    @torch.inference_mode()
+    def predict(self, prefix: str, prompts: list[str]) -> list[tuple[str, list[float]]]:
+        """(letter, the four summed logits) for each prompt (prefix + prompt is what the model reads)."""
+        full = [self.tokenizer(prefix + p).input_ids for p in prompts]
+        prefix_ids = self.tokenizer(prefix).input_ids if prefix else full[0][:1]
+        # The prefix tokens shared by every question (tokenizing the whole text, as the seed does, can
+        # merge across the boundary: then the shared part is a little shorter).
+        shared = min(min(_common_prefix(prefix_ids, f) for f in full), min(len(f) for f in full) - 1)
+        shared = max(shared, 1)
+        _, prefix_cache = self._run(torch.tensor([full[0][:shared]], device=self.device), self.DynamicCache(), 0)
+        prefix_kv = [(k, v) for k, v, *_ in prefix_cache]
+        order = sorted(range(len(full)), key=lambda i: len(full[i]))
+        results: list[tuple[str, list[float]] | None] = [None] * len(full)
+        for b in range(0, len(order), self.batch_size):
+            idx = order[b:b + self.batch_size]
+            tails = [full[i][shared:] for i in idx]
+            width = max(map(len, tails))
+            ids = torch.tensor([t + [0] * (width - len(t)) for t in tails], device=self.device)
+            n = len(idx)
+            cache = self.DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix_kv])
+            hidden, _ = self._run(ids, cache, shared)
+            last = hidden[torch.arange(n, device=self.device),
+                          torch.tensor([len(t) - 1 for t in tails], device=self.device)]
+            scores = (last.float() @ self.head.T).view(n, 4, 2).sum(-1).cpu()
+            for row, i in enumerate(idx):
+                s = scores[row].tolist()
+                results[i] = (CHOICES[max(range(4), key=lambda j: s[j])], s)
+        return results  # type: ignore[return-value]
+
+
+def summarize(per_subject: dict[str, tuple[int, int]], meta: dict[str, tuple[str, str, list[str]]]) -> dict:
+    """The seed's summary.json: subject -> score (percent), num, correct; grouped and All as fractions."""
+    summary: dict = {}
+    for s, (correct, num) in per_subject.items():
+        summary[s] = {"score": 100.0 * correct / num, "num": num, "correct": correct}
+    groups: dict[str, list[int]] = {}
+    for s, (correct, num) in per_subject.items():
+        for cat in meta[s][2]:
+            g = groups.setdefault(cat, [0, 0])
+            g[0] += correct
+            g[1] += num
+    order = list(GROUPS) + sorted(set(groups) - set(GROUPS))
+    summary["grouped"] = {g: groups[g][0] / groups[g][1] for g in order if g in groups}
+    total_c = sum(c for c, _ in per_subject.values())
+    total_n = sum(n for _, n in per_subject.values())
+    summary["All"] = total_c / total_n if total_n else 0.0
+    return summary
+
+
+def write_report(path: Path, benchmark: str, summary: dict, meta: dict, info: dict) -> None:
+    lines = [f"# {benchmark.upper()} evaluation", "",
+             f"- model: `{info['model']}`" + (f" + adapter `{info['adapter']}`" if info.get("adapter") else ""),
+             f"- split: {info['split']}, {info['shots']}-shot, chat template: {'yes' if info['with_prompt'] else 'no'}",
+             f"- questions: {info['questions']} in {len(meta)} subjects, {info['seconds']:.1f}s "
+             f"({info['questions_per_second']:.1f} questions/s)", "",
+             "| category | accuracy |", "|---|---:|"]
+    for g, v in summary["grouped"].items():
+        lines.append(f"| {g} | {100 * v:.2f} |")
+    lines += [f"| **All** | **{100 * summary['All']:.2f}** |", "",
+              "| subject | 科目 | category | questions | correct | accuracy |", "|---|---|---|---:|---:|---:|"]
+    for s in sorted(meta, key=lambda s: (meta[s][2][0], s)):
+        r = summary[s]
+        lines.append(f"| {s} | {meta[s][1]} | {', '.join(meta[s][2])} | {r['num']} | {r['correct']} | {r['score']:.2f} |")
+    lines += ["", "Accuracies are percentages. `take0/summary.json` holds the same numbers (subject scores in percent, "
+              "`grouped` and `All` as fractions); `take0/submission.json` holds each question's predicted letter.", ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def main(
+    benchmark: Literal["ceval", "cmmlu"],
+    /,
+    *,
+    model: Path,
+    data: Path,
+    out: Path,
+    adapter: Path | None = None,
+    shots: int = 0,
+    with_prompt: bool = False,
+    subjects: list[str] | None = None,
+    do_test: bool = False,
+    batch_size: int = 16,
+    device: str | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Evaluate on C-Eval or CMMLU; writes OUT/take0/summary.json, OUT/take0/submission.json, OUT/report.md, OUT/run.json.
+
+    C-Eval is scored on its val split (val/<subject>_val.csv), CMMLU on its test split (test/<subject>.csv);
+    few-shot exemplars are the first K rows of dev/.
+
+    Args:
+        benchmark: ceval or cmmlu.
+        model: Model folder (merged, or the base model when --adapter is given).
+        data: Benchmark folder in the official layout (C-Eval: val/ dev/ [test/]; CMMLU: dev/ test/).
+        out: Output folder (refused if not empty, unless --overwrite).
+        adapter: LoRA adapter folder, merged at load time.
+        shots: Few-shot exemplars per question (0 to the number of dev rows, 5 in C-Eval).
+        with_prompt: Wrap each question in the Alpaca-2 chat template (for Alpaca models).
+        subjects: Evaluate only these subjects (comma-separated file keys, e.g. computer_network,law).
+        do_test: C-Eval: also predict the test split (no answers) and put those predictions in submission.json.
+        batch_size: Questions scored together.
+        device: mlu, cuda or cpu (default: the best available).
+        dtype: fp32, fp16, bf16 or auto.
+        overwrite: Replace a non-empty OUT.
+    """
+    from tqdm import tqdm
+
+    from cla2.engine import load_model
+    from cla2.io import atomic_output_dir, check_output_dir
+
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}: use ceval or cmmlu")
+    bench = BENCHMARKS[benchmark]
+    check_output_dir(out, overwrite)
+    known = subjects_of(benchmark)
+    data = Path(data)
+    if not data.is_dir():
+        raise FileNotFoundError(f"data folder {data} does not exist")
+    if subjects:
+        unknown = [s for s in subjects if s not in known]
+        if unknown:
+            raise ValueError(f"unknown {benchmark} subject(s): {', '.join(unknown)}; known subjects are: "
+                             f"{', '.join(sorted(known))}")
+        chosen = list(dict.fromkeys(subjects))
+    else:
+        chosen = [s for s in known if bench.path(data, s, bench.eval_split).is_file()]
+        if not chosen:
+            raise FileNotFoundError(f"no {bench.eval_split} files of any {benchmark} subject under {data} "
+                                    f"(expected e.g. {bench.path(data, next(iter(known)), bench.eval_split)})")
+        absent = [s for s in known if s not in chosen]
+        if absent:
+            print(f"cla2 eval: {len(absent)} subject(s) have no {bench.eval_split} file and are skipped: "
+                  f"{', '.join(absent)}", file=sys.stderr)
+    if shots < 0:
+        raise ValueError(f"--shots {shots}: use 0 or more")
+    # Read and check every file before loading the model.
+    tests = do_test and benchmark == "ceval"
+    sets = {}
+    for s in chosen:
+        rows = read_csv(bench.path(data, s, bench.eval_split), bench, need_answer=True)
+        dev = read_csv(bench.path(data, s, "dev"), bench, need_answer=True) if shots else []
+        if shots > len(dev) and shots:
+            raise ValueError(f"--shots {shots}: {bench.path(data, s, 'dev')} has only {len(dev)} rows")
+        test = read_csv(bench.path(data, s, "test"), bench, need_answer=False) if tests else []
+        sets[s] = (rows, dev, test)
+
+    net, tokenizer, torch_device = load_model(model, adapter, device, dtype)
+    scorer = Scorer(net, tokenizer, torch_device, batch_size=batch_size)
+    per_subject: dict[str, tuple[int, int]] = {}
+    predictions: dict[str, dict[str, str]] = {}
+    test_predictions: dict[str, dict[str, str]] = {}
+    total = sum(len(r) + len(t) for r, _, t in sets.values())
+    started = time.perf_counter()
+    with tqdm(total=total, desc=f"{benchmark} {shots}-shot", unit="q", file=sys.stderr) as bar:
+        for s, (rows, dev, test) in sets.items():
+            prefix = few_shot_prefix(known[s][1], dev, shots)
+            got = scorer.predict(prefix, [question_prompt(q, with_prompt) for q in rows])
+            predictions[s] = {q.id: letter for q, (letter, _) in zip(rows, got, strict=True)}
+            per_subject[s] = (sum(q.answer == letter for q, (letter, _) in zip(rows, got, strict=True)), len(rows))
+            bar.update(len(rows))
+            if test:
+                got = scorer.predict(prefix, [question_prompt(q, with_prompt) for q in test])
+                test_predictions[s] = {q.id: letter for q, (letter, _) in zip(test, got, strict=True)}
+                bar.update(len(test))
+    seconds = time.perf_counter() - started
+    meta = {s: known[s] for s in chosen}
+    summary = summarize(per_subject, meta)
+    questions = sum(n for _, n in per_subject.values())
+    info = {"model": str(model), "adapter": str(adapter) if adapter else None, "split": bench.eval_split,
+            "shots": shots, "with_prompt": with_prompt, "questions": questions, "seconds": seconds,
+            "questions_per_second": (questions + sum(map(len, test_predictions.values()))) / max(seconds, 1e-9)}
+    import transformers
+
+    from cla2 import __version__
+
+    run = {"command": "eval", "benchmark": benchmark,
+           "args": {"model": str(model), "adapter": str(adapter) if adapter else None, "data": str(data),
+                    "out": str(out), "shots": shots, "with_prompt": with_prompt, "subjects": chosen,
+                    "do_test": do_test, "batch_size": batch_size, "device": device, "dtype": dtype},
+           "versions": {"cla2": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                        "python": platform.python_version()},
+           "device": str(torch_device), "dtype": str(next(net.parameters()).dtype),
+           "metrics": {"accuracy": summary["All"], "grouped": summary["grouped"], "questions": questions,
+                       "seconds": round(seconds, 3), "questions_per_second": round(info["questions_per_second"], 3),
+                       "forward_passes": scorer.forwards}}
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        (tmp / "take0").mkdir()
+        (tmp / "take0" / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
+        (tmp / "take0" / "submission.json").write_text(
+            json.dumps(test_predictions if tests else predictions, ensure_ascii=False, indent=2), encoding="utf-8")
+        if tests:
+            (tmp / "take0" / "predictions.json").write_text(json.dumps(predictions, ensure_ascii=False, indent=2),
+                                                            encoding="utf-8")
+        write_report(tmp / "report.md", benchmark, summary, meta, info)
+        (tmp / "run.json").write_text(json.dumps(run, ensure_ascii=False, indent=2), encoding="utf-8")
+    print(f"{benchmark}: {questions} questions, accuracy {100 * summary['All']:.2f}% "
+          f"({info['questions_per_second']:.1f} questions/s) -> {out}", file=sys.stderr)
+    return summary

@@ -1,0 +1,148 @@
+"""`cla2 generate`: a JSONL file of prompts in, a JSONL file of outputs (with token counts and timings) out.
+
+Each input line is a JSON object with either ``instruction`` (and optionally ``input``, Alpaca style),
+``messages`` (OpenAI style) or ``prompt`` (raw text, used as it is). Every prompt goes through the same
+batching engine as the server, so the file is processed ``--batch-size`` prompts at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from cla2.engine import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_REPETITION_PENALTY,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    Engine,
+    InvalidRequest,
+    SamplingParams,
+)
+from cla2.prompts import DEFAULT_SYSTEM_PROMPT, build_chat_prompt, build_prompt, join_instruction
+
+
+def read_prompts(path: Path, with_prompt: bool, system_prompt: str) -> tuple[list[dict], list[str]]:
+    """Records and their prompt texts; a bad line is an error naming the file and line."""
+    records, prompts = [], []
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"input file {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}, line {n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}, line {n}: expected a JSON object")
+            try:
+                if isinstance(rec.get("messages"), list):
+                    text = build_chat_prompt(rec["messages"], system_prompt)
+                elif isinstance(rec.get("instruction"), str):
+                    text = join_instruction(rec["instruction"], rec.get("input"))
+                    text = build_prompt(text, system_prompt) if with_prompt else text
+                elif isinstance(rec.get("prompt"), str):
+                    text = rec["prompt"]
+                else:
+                    raise ValueError("needs a string 'instruction', a string 'prompt' or a list 'messages'")
+            except ValueError as exc:
+                raise ValueError(f"{path}, line {n}: {exc}") from None
+            records.append(rec)
+            prompts.append(text)
+    if not records:
+        raise ValueError(f"input file {path} holds no prompts")
+    return records, prompts
+
+
+def main(
+    *,
+    model: Path,
+    input: Path,
+    output: Path,
+    adapter: Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    batch_size: int = 8,
+    with_prompt: bool = True,
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+    temperature: float = DEFAULT_TEMPERATURE,
+    top_k: int = DEFAULT_TOP_K,
+    top_p: float = DEFAULT_TOP_P,
+    repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    seed: int | None = None,
+    truncate: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Generate an answer for every prompt of a JSONL file, batched.
+
+    Output lines are the input records plus output, finish_reason, prompt_tokens, completion_tokens,
+    time_to_first_token and seconds. The tokens/s printed at the end counts generated tokens only.
+
+    Args:
+        model: Model folder (merged, or the base model when --adapter is given).
+        input: JSONL file; each line has 'instruction' (+ 'input'), 'messages' or 'prompt'.
+        output: JSONL file to write (refused if it exists, unless --overwrite).
+        adapter: LoRA adapter folder, merged at load time.
+        device: mlu, cuda or cpu (default: the best available).
+        dtype: fp32, fp16, bf16 or auto.
+        batch_size: Prompts decoded together.
+        with_prompt: Wrap 'instruction' records in the Alpaca-2 chat template.
+        system_prompt: System prompt of the template.
+        temperature: Sampling temperature; 0 is greedy.
+        top_k: Sample among the k most likely tokens (0: all).
+        top_p: Nucleus sampling threshold.
+        repetition_penalty: Penalty for tokens already seen (1: none).
+        max_new_tokens: Most tokens generated per prompt.
+        seed: Random seed; line i uses seed + i, so a rerun gives the same outputs.
+        truncate: Cut over-long prompts from the left instead of failing.
+        overwrite: Replace an existing output file.
+    """
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"output file {output} exists: choose another --output or pass --overwrite")
+    records, prompts = read_prompts(input, with_prompt, system_prompt)
+    engine = Engine.from_pretrained(model, adapter=adapter, device=device, dtype=dtype,
+                                    max_batch_size=batch_size, truncate=truncate)
+    try:
+        params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                                 repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
+                                 seed=None if seed is None else seed + i) for i in range(len(prompts))]
+        for n, (p, sp) in enumerate(zip(prompts, params, strict=True), 1):  # refuse bad input before generating anything
+            try:
+                engine.check_prompt(engine.encode(p), sp.validate(engine.window))
+            except InvalidRequest as exc:
+                raise ValueError(f"{input}, prompt {n}: {exc}") from None
+        from tqdm import tqdm
+
+        started = time.perf_counter()
+        results = []
+        with tqdm(total=len(prompts), desc="generate", unit="prompt", file=sys.stderr) as bar:
+            for i in range(0, len(prompts), 4 * batch_size):  # bounded chunks keep the bar moving
+                results += engine.generate(prompts[i:i + 4 * batch_size], params[i:i + 4 * batch_size])
+                bar.update(len(prompts[i:i + 4 * batch_size]))
+        seconds = time.perf_counter() - started
+    finally:
+        engine.close()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec, r in zip(records, results, strict=True):
+            if r.error:
+                tmp.unlink()
+                raise RuntimeError(f"generation failed: {r.error}")
+            out = {**rec, "output": r.text, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
+                   "completion_tokens": r.completion_tokens,
+                   "time_to_first_token": round(r.time_to_first_token or 0.0, 4), "seconds": round(r.elapsed, 4)}
+            f.write(json.dumps(out, ensure_ascii=False) + "\n")
+    tmp.replace(output)
+    generated = sum(r.completion_tokens for r in results)
+    print(f"{len(results)} prompts, {generated} tokens generated in {seconds:.1f}s "
+          f"({generated / max(seconds, 1e-9):.1f} generated tokens/s) -> {output}", file=sys.stderr)
+    return output
