@@ -247,6 +247,12 @@ def run(
     resume_from = check_out(out, job, resume, overwrite, settings)
     ds_config = resolve_deepspeed(deepspeed)
     zero3 = bool(ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3)
+    if ds_config is not None and dev.kind == "cpu" and world_size == 1:
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a C++ build, minutes) when it
+        # starts; a single process has nothing to share, so gloo alone does.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     weight_files(model)  # a model folder without weights fails here, before anything is written
     if not (model / "config.json").exists():
         raise FileNotFoundError(f"model folder {model} has no config.json: point --model at a Hugging Face model folder")
@@ -314,6 +320,9 @@ def run(
                       callbacks=[SaveAtEnd(), *(callbacks or [])])
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
+    # Under ZeRO-3 each rank holds only a slice of each large parameter (locally a zero-size tensor):
+    # saving those as they are is the seed's empty-adapter bug. Count them, then gather.
+    partitioned = sum(1 for p in trainer.model.parameters() if p.requires_grad and p.numel() == 0)
     state = adapter_state(trainer.model, zero3)  # collective under ZeRO-3
     if trainer.is_world_process_zero():
         tmp = out / ".adapter.partial"
@@ -338,6 +347,7 @@ def run(
                 "final_loss": losses[-1] if losses else None, "global_step": trainer.state.global_step,
                 "epoch": trainer.state.epoch, "train_runtime_s": round(time.time() - started, 2),
                 "trainable_parameters": sum(t.numel() for t in state.values()),
+                "partitioned_tensors_gathered": partitioned,
             },
             log_history=trainer.state.log_history,
         )

@@ -1,0 +1,100 @@
+"""Instruction data: reading, checking, the label mask token by token."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from cla2.data import IGNORE_INDEX, DataError, PadCollator, instruction_dataset, load_instructions, text_dataset
+from cla2.prompts import DEFAULT_SYSTEM_PROMPT
+
+
+@pytest.fixture(scope="module")
+def real_tok(real_tokenizer_dir):
+    return AutoTokenizer.from_pretrained(real_tokenizer_dir)
+
+
+def test_labels_mask_the_prompt_token_by_token(tmp_path, real_tok):
+    rec = {"instruction": "把这句话翻译成英文", "input": "我喜欢猫", "output": "I like cats."}
+    (tmp_path / "d.json").write_text(json.dumps([rec], ensure_ascii=False))
+    ds, info = instruction_dataset(tmp_path / "d.json", real_tok, max_seq_length=512)
+    ex = ds[0]
+    # the template, written out here independently of prompts.py
+    prompt = f"[INST] <<SYS>>\n{DEFAULT_SYSTEM_PROMPT}\n<</SYS>>\n\n把这句话翻译成英文\n我喜欢猫 [/INST]"
+    prompt_ids = real_tok(prompt)["input_ids"]
+    answer_ids = real_tok("I like cats.", add_special_tokens=False)["input_ids"] + [real_tok.eos_token_id]
+    assert prompt_ids[0] == real_tok.bos_token_id
+    assert ex["input_ids"] == prompt_ids + answer_ids
+    assert len(ex["labels"]) == len(ex["input_ids"])
+    for i, (tok, label) in enumerate(zip(ex["input_ids"], ex["labels"], strict=True)):
+        if i < len(prompt_ids):
+            assert label == IGNORE_INDEX, f"prompt token {i} ({real_tok.convert_ids_to_tokens(tok)}) is not masked"
+        else:
+            assert label == tok, f"answer token {i} is not trained on"
+    assert ex["labels"][-1] == real_tok.eos_token_id
+    assert real_tok.decode([t for t in ex["labels"] if t != IGNORE_INDEX], skip_special_tokens=True) == "I like cats."
+    assert info["records"] == 1 and len(info["fingerprint"]) == 64
+
+
+def test_truncation_keeps_masks_aligned_and_collator_pads(tmp_path, real_tok):
+    recs = [{"instruction": "问题" * 5, "output": "答案" * 50}, {"instruction": "短", "output": "好"}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in recs))
+    ds, _ = instruction_dataset(tmp_path / "d.jsonl", real_tok, max_seq_length=48)
+    assert len(ds[0]["input_ids"]) == 48 and len(ds[0]["labels"]) == 48
+    batch = PadCollator(pad_token_id=0)([ds[0], ds[1]])
+    n1 = len(ds[1]["input_ids"])
+    assert batch["input_ids"].shape == (2, 48)
+    assert batch["attention_mask"][1, :n1].all() and not batch["attention_mask"][1, n1:].any()
+    assert (batch["labels"][1, n1:] == IGNORE_INDEX).all()
+
+
+def test_folder_of_json_and_jsonl(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([{"instruction": "甲", "output": "乙"}], ensure_ascii=False))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.jsonl").write_text('{"instruction": "丙", "input": "丁", "output": "戊"}\n\n')
+    records, files = load_instructions(tmp_path)
+    assert [r["instruction"] for r in records] == ["甲", "丙"] and len(files) == 2
+    assert records[1]["input"] == "丁"
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n', r"line 2: malformed JSON"),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', r"line 2: missing field output"),
+    ('{"input": "x"}\n', r"line 1: missing fields instruction, output"),
+    ('{"instruction": "a", "output": 3}\n', r"line 1: field 'output' must be a string"),
+    ('[{"instruction": "a", "output": "b"}, ["x"]]', r"record 2 of the array: a record must be a JSON object"),
+    ('[{"instruction": "a", "output": "b"},\n {"instruction": }]', r"malformed JSON at line 2"),
+    ("", r"is empty"),
+    ("[]", r"is empty"),
+])
+def test_bad_records_name_file_and_line(tmp_path, content, expected):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(content)
+    with pytest.raises(DataError, match=expected) as err:
+        load_instructions(f)
+    assert str(f) in str(err.value)
+
+
+def test_missing_path_and_empty_folder(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_instructions(tmp_path / "nope.json")
+    with pytest.raises(DataError, match="holds no .json / .jsonl files"):
+        load_instructions(tmp_path)
+
+
+def test_text_blocks_are_cached_by_tokenizer_and_block_size(tmp_path, real_tok):
+    data = tmp_path / "txt"
+    data.mkdir()
+    (data / "a.txt").write_text("春眠不觉晓，处处闻啼鸟。\n夜来风雨声，花落知多少。\n" * 20, encoding="utf-8")
+    cache = tmp_path / "cache"
+    ds, info = text_dataset(data, real_tok, block_size=32, cache_dir=cache)
+    assert not info["cache_hit"] and len(ds) == info["blocks"] > 1
+    assert all(len(ds[i]["input_ids"]) == 32 and ds[i]["labels"] == ds[i]["input_ids"] for i in range(len(ds)))
+    ds2, info2 = text_dataset(data, real_tok, block_size=32, cache_dir=cache)
+    assert info2["cache_hit"] and info2["cache"] == info["cache"] and ds2[0] == ds[0]
+    _, info3 = text_dataset(data, real_tok, block_size=16, cache_dir=cache)
+    assert not info3["cache_hit"] and info3["cache"] != info["cache"]
+    with pytest.raises(DataError, match="fewer than one block of --block-size 100000"):
+        text_dataset(data, real_tok, block_size=100000, cache_dir=cache)
