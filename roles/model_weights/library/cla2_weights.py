@@ -1,0 +1,470 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Why a module of our own instead of copy/synchronize + stat(checksum): weights are tens of GB and
+# the kit must read them once. This module copies (from a folder on the host, e.g. a shared mount,
+# or from a URL) and hashes in the same pass, with the hashing on a second thread so it overlaps the
+# I/O; it resumes a partial file (re-hashing only the prefix already there, HTTP Range for URLs); it
+# stages next to the final folder and renames, so a half-copied model never appears under its final
+# name; and it keeps a stamp of sizes and mtimes so a second run reads no weight at all.
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: cla2_weights
+short_description: Place a model or dataset folder, verified against a sha256 manifest, read once
+description:
+  - C(state=query) reports whether I(dest) is placed and matches its stamp (sizes and mtimes) and the
+    given manifest, reading no file data (or hashing every file with I(verify=full)).
+  - C(state=placed) copies the source into a staging folder beside I(dest) while hashing, checks each
+    file against the manifest, writes the manifest and the stamp, then renames the staging folder
+    to I(dest). A bad checksum removes the staging copy and leaves a previous I(dest) untouched.
+options:
+  dest: {description: Final folder, type: path, required: true}
+  source_type:
+    description: C(path) a folder on the host, C(url) a base URL (files listed by the manifest),
+      C(staged) files already transferred into the staging folder (controller sources, by rsync).
+    type: str
+    choices: [path, url, staged]
+    default: path
+  source: {description: Folder on the host or base URL, type: str}
+  manifest:
+    description: Text of an operator manifest (sha256sum format). Empty means look for I(manifest_name)
+      in the source, and without one the kit writes the manifest.
+    type: str
+  manifest_name:
+    description: Name of an operator manifest inside the source folder (sha256sum format), used
+      when I(manifest) is empty.
+    type: str
+    default: SHA256SUMS
+  source_stamp: {description: Digest of the source listing computed by the caller, type: str}
+  state: {type: str, choices: [query, placed], default: placed}
+  verify: {type: str, choices: [stamp, full], default: stamp}
+  timeout: {description: Seconds for each URL request to answer, type: int, default: 60}
+  validate_certs: {type: bool, default: true}
+  mode: {description: Mode of the placed files, type: str, default: "0644"}
+"""
+
+import hashlib
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+import urllib.parse
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.urls import open_url
+
+CHUNK = 8 << 20
+META_MANIFEST = ".cla2-manifest.sha256"
+META_STAMP = ".cla2-stamp.json"
+META_PROGRESS = ".cla2-progress.json"
+META = (META_MANIFEST, META_STAMP, META_PROGRESS)
+
+
+class PlaceError(Exception):
+    pass
+
+
+def parse_manifest(text):
+    entries = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split(None, 1)
+        if len(parts) != 2 or len(parts[0]) != 64:
+            raise PlaceError("manifest line %d is not '<sha256>  <file>': %r" % (number, line))
+        name = parts[1].lstrip("*").strip()
+        if name.startswith("./"):
+            name = name[2:]
+        entries[name] = parts[0].lower()
+    return entries
+
+
+def format_manifest(entries):
+    return "".join("%s  %s\n" % (entries[k], k) for k in sorted(entries))
+
+
+def safe_rel(rel):
+    norm = os.path.normpath(rel)
+    if norm.startswith("..") or os.path.isabs(norm) or norm in (".", ""):
+        raise PlaceError("manifest names a path outside the folder: %r" % rel)
+    return norm
+
+
+def walk_files(root):
+    """Relative paths of the regular files under root, without the kit's own files."""
+    out = []
+    for base, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(base, name)
+            rel = os.path.relpath(full, root)
+            if rel in META or not os.path.isfile(full):
+                continue
+            out.append(rel)
+    return out
+
+
+def listing_stamp(root, names):
+    """Sizes and mtimes of the files: the cheap identity that a re-run compares."""
+    items = {}
+    for rel in names:
+        st = os.stat(os.path.join(root, rel))
+        items[rel] = [st.st_size, st.st_mtime_ns]
+    return items
+
+
+def digest(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def read_json(path):
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def write_file_durable(path, data):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Hasher(object):
+    """sha256 on its own thread: hashlib releases the GIL, so hashing overlaps reads and writes."""
+
+    def __init__(self):
+        self.h = hashlib.sha256()
+        self.q = queue.Queue(maxsize=6)
+        self.t = threading.Thread(target=self._run)
+        self.t.daemon = True
+        self.t.start()
+
+    def _run(self):
+        while True:
+            buf = self.q.get()
+            if buf is None:
+                return
+            self.h.update(buf)
+
+    def update(self, buf):
+        self.q.put(buf)
+
+    def hexdigest(self):
+        self.q.put(None)
+        self.t.join()
+        return self.h.hexdigest()
+
+
+def hash_prefix(hasher, path, length):
+    with open(path, "rb", buffering=0) as fh:
+        left = length
+        while left:
+            buf = fh.read(min(CHUNK, left))
+            if not buf:
+                raise PlaceError("%s shrank while resuming" % path)
+            hasher.update(buf)
+            left -= len(buf)
+
+
+def pump(reader, out, hasher):
+    n = 0
+    while True:
+        buf = reader(CHUNK)
+        if not buf:
+            return n
+        hasher.update(buf)
+        out.write(buf)
+        n += len(buf)
+
+
+class Placer(object):
+    def __init__(self, module):
+        self.m = module
+        p = module.params
+        self.dest = p["dest"].rstrip("/")
+        self.parent = os.path.dirname(self.dest)
+        self.name = os.path.basename(self.dest)
+        self.staging = os.path.join(self.parent, "." + self.name + ".cla2-partial")
+        self.source_type = p["source_type"]
+        self.source = p["source"]
+        self.mode = int(p["mode"], 8)
+        self.result = {"changed": False, "dest": self.dest, "staging": self.staging, "bytes_copied": 0,
+                       "bytes_resumed": 0, "bytes_hashed": 0, "seconds": 0.0, "files": 0}
+
+    # ---- source side -------------------------------------------------------------------------
+    def url_of(self, rel):
+        base = self.source if self.source.endswith("/") else self.source + "/"
+        return urllib.parse.urljoin(base, urllib.parse.quote(rel))
+
+    def open_url(self, url, offset=0):
+        headers = {"Range": "bytes=%d-" % offset} if offset else {}
+        return open_url(url, headers=headers, timeout=self.m.params["timeout"],
+                        validate_certs=self.m.params["validate_certs"])
+
+    def operator_manifest(self):
+        """The operator's manifest: given, or a file named manifest_name in the source, or None."""
+        p = self.m.params
+        if p["manifest"]:
+            return dict((safe_rel(k), v) for k, v in parse_manifest(p["manifest"]).items())
+        mname = p["manifest_name"]
+        if self.source_type == "path":
+            path = os.path.join(self.source, mname)
+            if os.path.isfile(path):
+                with open(path) as fh:
+                    return dict((safe_rel(k), v) for k, v in parse_manifest(fh.read()).items())
+        elif self.source_type == "url":
+            try:
+                text = self.open_url(self.url_of(mname)).read().decode()
+            except Exception as exc:
+                raise PlaceError("a URL source needs a manifest: none given and %s could not be read: %s"
+                                 % (self.url_of(mname), exc))
+            return dict((safe_rel(k), v) for k, v in parse_manifest(text).items())
+        elif self.source_type == "staged":
+            path = os.path.join(self.staging, mname)
+            if os.path.isfile(path):
+                with open(path) as fh:
+                    return dict((safe_rel(k), v) for k, v in parse_manifest(fh.read()).items())
+        return None
+
+    def source_identity(self, manifest):
+        """What identifies the source without reading its data."""
+        if self.m.params["source_stamp"]:
+            return self.m.params["source_stamp"]
+        if self.source_type == "path":
+            if not os.path.isdir(self.source):
+                raise PlaceError("source folder %s is not there on the host" % self.source)
+            return digest(listing_stamp(self.source, walk_files(self.source)))
+        return digest(manifest or {})
+
+    # ---- destination side --------------------------------------------------------------------
+    def query(self, manifest, identity):
+        """None when dest is placed and current, else the reason it is not."""
+        stamp = read_json(os.path.join(self.dest, META_STAMP))
+        if not os.path.isdir(self.dest):
+            return "not placed"
+        if stamp is None:
+            return "unmanaged"
+        if manifest is not None and manifest != stamp.get("manifest"):
+            return "manifest changed"
+        if identity != stamp.get("source"):
+            return "source changed"
+        names = walk_files(self.dest)
+        if listing_stamp(self.dest, names) != stamp.get("files"):
+            return "files changed since placed (sizes or mtimes)"
+        if self.m.params["verify"] == "full":
+            bad = self.verify_all(self.dest, stamp.get("manifest") or {})
+            if bad:
+                return "checksum mismatch: " + ", ".join(bad)
+        return None
+
+    def verify_all(self, root, manifest):
+        bad = []
+        for rel in sorted(manifest):
+            h = hashlib.sha256()
+            path = os.path.join(root, rel)
+            try:
+                with open(path, "rb", buffering=0) as fh:
+                    for buf in iter(lambda: fh.read(CHUNK), b""):
+                        h.update(buf)
+                        self.result["bytes_hashed"] += len(buf)
+            except OSError:
+                bad.append(rel + " (missing)")
+                continue
+            if h.hexdigest() != manifest[rel]:
+                bad.append(rel)
+        return bad
+
+    def copy_one(self, rel, progress, expected_size):
+        """Copy one file into staging, hashing as it goes; resume a partial copy."""
+        target = os.path.join(self.staging, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        done = progress.get(rel)
+        if done and os.path.isfile(target) and os.path.getsize(target) == done["size"] \
+                and (expected_size is None or expected_size == done["size"]):
+            return done["sha256"]
+        if self.source_type == "staged":
+            h = Hasher()
+            try:
+                hash_prefix(h, target, os.path.getsize(target))
+            except OSError:
+                raise PlaceError("%s was not transferred into %s" % (rel, self.staging))
+            self.result["bytes_hashed"] += os.path.getsize(target)
+            return h.hexdigest()
+        have = os.path.getsize(target) if os.path.isfile(target) else 0
+        if expected_size is not None and have > expected_size:
+            have = 0
+        h = Hasher()
+        if have:
+            hash_prefix(h, target, have)
+        if self.source_type == "path":
+            src = os.path.join(self.source, rel)
+            if not os.path.isfile(src):
+                raise PlaceError("%s is listed in the manifest but missing from %s" % (rel, self.source))
+            with open(src, "rb", buffering=0) as fin:
+                if have:
+                    fin.seek(have)
+                try:
+                    os.posix_fadvise(fin.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                except (AttributeError, OSError):
+                    pass
+                with open(target, "ab" if have else "wb", buffering=0) as fout:
+                    n = pump(fin.read, fout, h)
+                    os.fsync(fout.fileno())
+        else:
+            url = self.url_of(rel)
+            try:
+                resp = self.open_url(url, have)
+            except Exception as exc:
+                raise PlaceError("could not download %s: %s" % (url, exc))
+            if have and getattr(resp, "status", getattr(resp, "code", 200)) != 206:
+                # The server ignored the Range: start this file over.
+                h.hexdigest()
+                h = Hasher()
+                have = 0
+            with open(target, "ab" if have else "wb", buffering=0) as fout:
+                n = pump(resp.read, fout, h)
+                os.fsync(fout.fileno())
+        self.result["bytes_copied"] += n
+        self.result["bytes_resumed"] += have
+        os.chmod(target, self.mode)
+        return h.hexdigest()
+
+    def remove_staging(self):
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def place(self, manifest, identity):
+        start = time.time()
+        os.makedirs(self.parent, exist_ok=True)
+        progress_path = os.path.join(self.staging, META_PROGRESS)
+        progress = read_json(progress_path)
+        if self.source_type != "staged" and os.path.isdir(self.staging):
+            # A partial copy resumes when it is of this very source, or, when its origin is unknown,
+            # if a manifest will catch a stale prefix. Otherwise it cannot be trusted: start over.
+            if (progress or {}).get("source") != identity and not (progress is None and manifest is not None):
+                self.remove_staging()
+                progress = None
+        os.makedirs(self.staging, exist_ok=True)
+        files = (progress or {}).get("files", {}) if (progress or {}).get("source") == identity else {}
+        write_file_durable(progress_path, json.dumps({"source": identity, "files": files}))
+        sizes = {}
+        if manifest is not None:
+            names = sorted(manifest)
+        elif self.source_type == "path":
+            names = walk_files(self.source)
+        elif self.source_type == "staged":
+            names = walk_files(self.staging)
+        else:
+            raise PlaceError("a URL source needs a manifest")
+        if self.source_type == "path":
+            for rel in names:
+                src = os.path.join(self.source, rel)
+                if not os.path.isfile(src):
+                    raise PlaceError("%s is listed in the manifest but missing from %s" % (rel, self.source))
+                sizes[rel] = os.path.getsize(src)
+        if self.source_type == "staged" and manifest is not None:
+            missing = [n for n in names if not os.path.isfile(os.path.join(self.staging, n))]
+            if missing:
+                raise PlaceError("missing from the source folder: " + ", ".join(missing))
+        computed = {}
+        bad = []
+        for rel in names:
+            sha = self.copy_one(rel, files, sizes.get(rel))
+            computed[rel] = sha
+            size = os.path.getsize(os.path.join(self.staging, rel))
+            files[rel] = {"size": size, "sha256": sha}
+            write_file_durable(progress_path, json.dumps({"source": identity, "files": files}))
+            if manifest is not None and manifest[rel] != sha:
+                bad.append(rel)
+                break
+        if bad:
+            self.remove_staging()
+            raise PlaceError("checksum mismatch for %s: the manifest says %s, the copy has %s; the bad copy "
+                             "was removed%s" % (
+                                 ", ".join(os.path.join(self.dest, b) for b in bad), manifest[bad[0]],
+                                 computed[bad[0]],
+                                 ", the previous copy at %s is untouched" % self.dest
+                                 if os.path.isdir(self.dest) else ""))
+        if self.source_type == "staged" and manifest is not None:
+            # rsync brought everything in the source folder: keep what the manifest names.
+            for rel in walk_files(self.staging):
+                if rel not in manifest:
+                    os.unlink(os.path.join(self.staging, rel))
+        os.unlink(progress_path)
+        write_file_durable(os.path.join(self.staging, META_MANIFEST), format_manifest(computed))
+        final_names = walk_files(self.staging)
+        stamp = {"manifest": computed if manifest is None else manifest, "source": identity,
+                 "files": listing_stamp(self.staging, final_names),
+                 "kit_manifest": manifest is None}
+        write_file_durable(os.path.join(self.staging, META_STAMP), json.dumps(stamp, sort_keys=True))
+        fsync_dir(self.staging)
+        old = os.path.join(self.parent, "." + self.name + ".cla2-old")
+        if os.path.isdir(self.dest):
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(self.dest, old)
+        os.rename(self.staging, self.dest)
+        fsync_dir(self.parent)
+        shutil.rmtree(old, ignore_errors=True)
+        self.result.update(changed=True, files=len(final_names), seconds=round(time.time() - start, 3))
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            dest=dict(type="path", required=True),
+            source_type=dict(type="str", choices=["path", "url", "staged"], default="path"),
+            source=dict(type="str"),
+            manifest=dict(type="str", no_log=False),
+            manifest_name=dict(type="str", default="SHA256SUMS"),
+            source_stamp=dict(type="str"),
+            state=dict(type="str", choices=["query", "placed"], default="placed"),
+            verify=dict(type="str", choices=["stamp", "full"], default="stamp"),
+            timeout=dict(type="int", default=60),
+            validate_certs=dict(type="bool", default=True),
+            mode=dict(type="str", default="0644"),
+        ),
+        required_if=[("source_type", "path", ["source"]), ("source_type", "url", ["source"])],
+        supports_check_mode=True,
+    )
+    placer = Placer(module)
+    try:
+        manifest = placer.operator_manifest()
+        identity = placer.source_identity(manifest)
+        reason = placer.query(manifest, identity)
+        placer.result["reason"] = reason or "up to date"
+        placer.result["up_to_date"] = reason is None
+        if reason == "unmanaged":
+            raise PlaceError("%s exists but was not placed by the kit (no %s): move it away or remove it"
+                             % (placer.dest, META_STAMP))
+        if module.params["state"] == "query" or reason is None:
+            module.exit_json(**placer.result)
+        if module.check_mode:
+            placer.result["changed"] = True
+            module.exit_json(**placer.result)
+        placer.place(manifest, identity)
+    except PlaceError as exc:
+        module.fail_json(msg="model_weights: %s: %s" % (placer.dest, exc), **placer.result)
+    except (OSError, IOError) as exc:
+        module.fail_json(msg="model_weights: %s: %s (the partial copy in %s is kept so the next run resumes)"
+                         % (placer.dest, exc, placer.staging), **placer.result)
+    module.exit_json(**placer.result)
+
+
+if __name__ == "__main__":
+    main()
