@@ -7,7 +7,14 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from cla2.data import IGNORE_INDEX, DataError, PadCollator, instruction_dataset, load_instructions, text_dataset
+from cla2.data import (
+    IGNORE_INDEX,
+    DataError,
+    PadCollator,
+    instruction_dataset,
+    load_instructions,
+    text_dataset,
+)
 from cla2.prompts import DEFAULT_SYSTEM_PROMPT
 
 

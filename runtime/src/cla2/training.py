@@ -180,6 +180,9 @@ def _training_arguments(**kwargs):
         kwargs["train_sampling_strategy"] = "group_by_length" if group else "random"
     else:
         kwargs["group_by_length"] = group
+    if "activation_checkpointing" in fields:  # 5.x renamed gradient checkpointing
+        kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
+        kwargs["activation_checkpointing_kwargs"] = kwargs.pop("gradient_checkpointing_kwargs")
     if kwargs.pop("use_cpu"):
         kwargs["use_cpu" if "use_cpu" in fields else "no_cuda"] = True
     unknown = [k for k in kwargs if k not in fields]
