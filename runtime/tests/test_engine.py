@@ -1,0 +1,170 @@
+"""The batching engine: sampling, streaming without broken characters, stop strings, batching, limits."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from cla2.engine import (
+    ContextTooLong,
+    Engine,
+    IncrementalDetokenizer,
+    InvalidRequest,
+    Result,
+    SamplingParams,
+)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    e = Engine.from_pretrained(tiny_model, max_batch_size=4)
+    yield e
+    e.close()
+
+
+def collect(engine, prompt, params):
+    pieces = list(engine.stream(prompt, params))
+    assert isinstance(pieces[-1], Result)
+    return pieces[:-1], pieces[-1]
+
+
+def test_seed_defaults():
+    p = SamplingParams()
+    assert (p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.max_new_tokens) == (0.2, 40, 0.9, 1.1, 512)
+
+
+def test_rare_character_is_byte_pieces_and_never_split(engine):
+    tok = engine.tokenizer
+    ids = tok("龘", add_special_tokens=False).input_ids
+    assert len([i for i in ids if tok.convert_ids_to_tokens(i).startswith("<0x")]) == 3
+    d = IncrementalDetokenizer(tok)
+    deltas = [d.add(i) for i in tok("你好龘a龘", add_special_tokens=False).input_ids]
+    assert "".join(deltas) + d.flush() == "你好龘a龘"
+    assert all("\ufffd" not in x for x in deltas)
+    # an incomplete character at the end is dropped, not sent as U+FFFD
+    d = IncrementalDetokenizer(tok)
+    for i in ids[:2]:
+        assert d.add(i) == ""
+    assert d.flush() == ""
+
+
+def test_stream_never_emits_broken_utf8_and_matches_final_text(engine):
+    # sampling at temperature 1 over the whole vocabulary of a random model hits byte pieces often
+    for seed in range(4):
+        params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=60, seed=seed)
+        pieces, result = collect(engine, "龘龘", params)
+        assert all("\ufffd" not in p for p in pieces)
+        assert "".join(pieces) == result.text
+        assert result.completion_tokens == len(result.token_ids)
+        full = engine.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        assert result.text == full.rstrip("\ufffd")
+
+
+def test_same_seed_same_output_and_greedy(engine):
+    p = SamplingParams(max_new_tokens=30, seed=11, temperature=0.9)
+    a = engine.generate(["你好"], p)[0]
+    b = engine.generate(["你好"], p)[0]
+    assert a.token_ids == b.token_ids
+    g1 = engine.generate(["你好"], SamplingParams(temperature=0, max_new_tokens=30, seed=1))[0]
+    g2 = engine.generate(["你好"], SamplingParams(temperature=0, max_new_tokens=30, seed=2))[0]
+    assert g1.token_ids == g2.token_ids
+    # greedy is the argmax of the (penalized) logits: compare to transformers' generate
+    import torch
+
+    ids = engine.tokenizer("你好", return_tensors="pt").input_ids
+    out = engine.model.generate(ids, do_sample=False, max_new_tokens=30, repetition_penalty=1.1)
+    want = out[0, ids.shape[1]:].tolist()
+    assert g1.token_ids == [t for t in want if t not in engine.eos_ids][:len(g1.token_ids)]
+    assert torch.is_tensor(out)
+
+
+def test_batched_equals_one_by_one(engine):
+    prompts = ["你好", "龘龘龘 hello world", "[INST] 写一首诗 [/INST]", "a b c d e f g", "测试一下", "很长" * 40]
+    for params in (SamplingParams(temperature=0, max_new_tokens=40),
+                   SamplingParams(max_new_tokens=40, seed=5)):
+        engine.max_running = 0
+        batched = engine.generate(prompts, params)
+        assert engine.max_running == 4  # the engine's batch limit was reached
+        single = [engine.generate([p], params)[0] for p in prompts]
+        assert [r.token_ids for r in batched] == [r.token_ids for r in single]
+        assert [r.text for r in batched] == [r.text for r in single]
+
+
+def test_requests_join_a_running_batch(engine):
+    """Continuous batching: a request submitted while another decodes joins it and finishes first."""
+    params = SamplingParams(temperature=0, max_new_tokens=200)
+    done = {}
+
+    def run(name, prompt, p):
+        done[name] = engine.generate([prompt], p)[0]
+        done[name + "_at"] = time.perf_counter()
+
+    long = threading.Thread(target=run, args=("long", "从前", params))
+    long.start()
+    time.sleep(0.3)
+    assert engine.num_running == 1
+    run("short", "你好", SamplingParams(temperature=0, max_new_tokens=5))
+    long.join()
+    assert done["short_at"] < done["long_at"]
+    assert done["long"].completion_tokens == 200 and done["short"].completion_tokens == 5
+
+
+def test_stop_strings(engine):
+    base = engine.generate(["你好"], SamplingParams(temperature=0, max_new_tokens=40))[0]
+    text = base.text
+    assert len(text) > 6
+    stop = text[3:5]
+    pieces, r = collect(engine, "你好", SamplingParams(temperature=0, max_new_tokens=40, stop=[stop]))
+    assert r.finish_reason == "stop" and r.text == text[: text.index(stop)]
+    assert "".join(pieces) == r.text
+
+
+def test_eos_stops(engine):
+    # temperature 0 with the eos logit pushed up: make eos the only choice via a stop at the first token
+    r = engine.generate(["你好"], SamplingParams(temperature=0, max_new_tokens=3))[0]
+    assert r.finish_reason == "length" and r.completion_tokens == 3
+    from cla2.engine import Request
+
+    req = Request([1, 2], SamplingParams(), lambda e: None, engine.tokenizer, engine.vocab_size, engine.device,
+                  engine.eos_ids, 10)
+    req.push(next(iter(engine.eos_ids)))
+    assert req.finish_reason == "stop" and req.output_ids == []
+
+
+def test_context_window(engine, tiny_model):
+    long = "字" * (engine.window + 10)
+    with pytest.raises(ContextTooLong, match="context window is 1024 tokens"):
+        engine.submit(long, SamplingParams(max_new_tokens=4))
+    truncating = Engine.from_pretrained(tiny_model, truncate=True)
+    try:
+        r = truncating.generate([long], SamplingParams(max_new_tokens=4, temperature=0))[0]
+        assert r.completion_tokens == 4 and r.prompt_tokens < truncating.window
+    finally:
+        truncating.close()
+    # the output never runs past the window
+    near = engine.tokenizer("字" * 10).input_ids * 1
+    near = near + [near[-1]] * (engine.window - 3 - len(near))
+    r = engine.generate([near], SamplingParams(max_new_tokens=50, temperature=0))[0]
+    assert r.finish_reason == "length" and r.prompt_tokens + r.completion_tokens == engine.window
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -0.1), ("temperature", 1e9), ("top_p", 0.0),
+                                         ("top_k", -1), ("repetition_penalty", 0.0), ("max_new_tokens", 0),
+                                         ("max_new_tokens", 10**7), ("stop", [""])])
+def test_bad_params(engine, field, value):
+    with pytest.raises(InvalidRequest) as err:
+        engine.submit("hi", SamplingParams(**{field: value}))
+    assert err.value.param == field
+
+
+def test_cancel_frees_the_slot(engine):
+    it = engine.stream("从前", SamplingParams(max_new_tokens=1000, temperature=0))
+    next(it)
+    assert engine.num_running == 1
+    it.close()
+    deadline = time.time() + 5
+    while engine.num_running and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.num_running == 0
