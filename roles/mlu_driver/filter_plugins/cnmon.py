@@ -79,13 +79,20 @@ def mlu_driver_cnmon_cards(text: str) -> dict:
         card = None
     if not result["driver_version"]:
         # v4.20 prints the driver version per card
-        result["driver_version"] = next((c["driver"].lstrip("v") for c in result["cards"] if c.get("driver")), "")
+        result["driver_version"] = next(
+            (c["driver"].lstrip("v") for c in result["cards"] if c.get("driver")), ""
+        )
     return result
 
 
 def mlu_driver_cnmon_health(text: str, max_ecc_errors: int = 0, fault_markers: list | None = None) -> dict:
     """Parsed table plus "unhealthy": [{index, name, bus_id, reasons}] and "summary" (one line per bad card)."""
-    markers = [str(m) for m in (fault_markers if fault_markers is not None else ["ERR!", "Error", "Fault", "Lost", "Unknown"])]
+    markers = [
+        str(m)
+        for m in (
+            fault_markers if fault_markers is not None else ["ERR!", "Error", "Fault", "Lost", "Unknown"]
+        )
+    ]
     parsed = mlu_driver_cnmon_cards(text)
     unhealthy = []
     for card in parsed["cards"]:
@@ -96,14 +103,19 @@ def mlu_driver_cnmon_health(text: str, max_ecc_errors: int = 0, fault_markers: l
         if card.get("inited") and card["inited"].lower() != "on":
             reasons.append(f"not initialised (Inited {card['inited']})")
         tokens = " ".join(card["cells"]).split()
-        found = sorted({tok for tok in tokens for marker in markers if marker and tok.lower() == marker.lower()})
+        found = sorted(
+            {tok for tok in tokens for marker in markers if marker and tok.lower() == marker.lower()}
+        )
         if found:
             reasons.append("cnmon reads " + ", ".join(found))
         if reasons:
-            unhealthy.append({"index": card["index"], "name": card["name"], "bus_id": card["bus_id"], "reasons": reasons})
+            unhealthy.append(
+                {"index": card["index"], "name": card["name"], "bus_id": card["bus_id"], "reasons": reasons}
+            )
     parsed["unhealthy"] = unhealthy
     parsed["summary"] = [
-        f"card {bad['index']} ({bad['name'] or '?'} at {bad['bus_id'] or '?'}): {'; '.join(bad['reasons'])}" for bad in unhealthy
+        f"card {bad['index']} ({bad['name'] or '?'} at {bad['bus_id'] or '?'}): {'; '.join(bad['reasons'])}"
+        for bad in unhealthy
     ]
     for card in parsed["cards"]:
         card.pop("cells", None)

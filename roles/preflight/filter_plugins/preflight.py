@@ -24,7 +24,7 @@ def preflight_mount_for(mounts: list[dict], path: str) -> dict:
     return best
 
 
-def preflight_human_bytes(value: int | float | str) -> str:
+def preflight_human_bytes(value: float | str) -> str:
     """1073741824 -> '1.0 GiB'."""
     size = float(value)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
