@@ -105,3 +105,30 @@ def test_text_blocks_are_cached_by_tokenizer_and_block_size(tmp_path, real_tok):
     assert not info3["cache_hit"] and info3["cache"] != info["cache"]
     with pytest.raises(DataError, match="fewer than one block of --block-size 100000"):
         text_dataset(data, real_tok, block_size=100000, cache_dir=cache)
+
+
+def test_length_grouped_sampler_cuts_padding_and_keeps_batches_aligned():
+    import random
+
+    from cla2.data import LengthGroupedSampler
+
+    rnd = random.Random(0)
+    lengths = [int(min(1024, 40 + rnd.lognormvariate(4.8, 0.8))) for _ in range(1000)]
+    bs = 16
+    sampler = LengthGroupedSampler(lengths, bs, seed=3)
+    order = list(sampler)
+    assert sorted(order) == list(range(1000))  # every sample once
+    batches = [order[k:k + bs] for k in range(0, len(order), bs)]
+    assert batches == sampler.batches()  # the loader's cuts are the sampler's batches
+
+    def pad_fraction(bs_list):
+        slots = sum(len(b) * max(lengths[i] for i in b) for b in bs_list)
+        return 1 - sum(lengths) / slots
+
+    shuffled = list(range(1000))
+    rnd.shuffle(shuffled)
+    assert pad_fraction(batches) < 0.1 < 0.4 < pad_fraction([shuffled[k:k + bs] for k in range(0, 1000, bs)])
+    assert max(lengths[i] for i in batches[0]) == max(lengths)  # the longest first
+    assert list(LengthGroupedSampler(lengths, bs, seed=3)) == order  # the same on every rank and on resume
+    sampler.set_epoch(1)
+    assert list(sampler) != order

@@ -175,11 +175,6 @@ def _training_arguments(**kwargs):
         kwargs["warmup_ratio"] = warmup
     else:
         kwargs["warmup_steps"] = warmup  # 5.x: a float below 1 is a ratio
-    group = kwargs.pop("group_by_length")
-    if "train_sampling_strategy" in fields:
-        kwargs["train_sampling_strategy"] = "group_by_length" if group else "random"
-    else:
-        kwargs["group_by_length"] = group
     if "activation_checkpointing" in fields:  # 5.x renamed gradient checkpointing
         kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
         kwargs["activation_checkpointing_kwargs"] = kwargs.pop("gradient_checkpointing_kwargs")
@@ -279,7 +274,7 @@ def run(
         logging_first_step=True, save_strategy="steps", save_steps=save_steps, save_total_limit=save_total_limit,
         bf16=torch_dtype == torch.bfloat16, fp16=torch_dtype == torch.float16, gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
-        group_by_length=group_by_length, deepspeed=ds_config, use_cpu=dev.kind == "cpu",
+        deepspeed=ds_config, use_cpu=dev.kind == "cpu",
         ddp_backend=dev.backend if world_size > 1 else None, ddp_find_unused_parameters=False, seed=seed,
         data_seed=seed, report_to=[], remove_unused_columns=False, label_names=["labels"],
         dataloader_num_workers=0, save_safetensors=True, disable_tqdm=rank != 0,
@@ -316,10 +311,17 @@ def run(
                 control.should_save = True
             return control
 
-    from cla2.data import PadCollator
+    from cla2.data import LengthGroupedSampler, PadCollator
 
     collator = PadCollator(pad_id, pad_to_multiple_of=8 if dev.kind != "cpu" else None)
-    trainer = Trainer(model=peft_model, args=training_args, train_dataset=dataset, data_collator=collator,
+    class _Trainer(Trainer):
+        def _get_train_sampler(self, *a, **kw):
+            lengths = getattr(self.train_dataset, "lengths", None)
+            if group_by_length and lengths is not None:
+                return LengthGroupedSampler(lengths, self._train_batch_size, seed=seed)
+            return super()._get_train_sampler(*a, **kw)
+
+    trainer = _Trainer(model=peft_model, args=training_args, train_dataset=dataset, data_collator=collator,
                       callbacks=[SaveAtEnd(), *(callbacks or [])])
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
