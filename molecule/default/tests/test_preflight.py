@@ -53,8 +53,9 @@ def test_facts_script_installed(host):
 def test_mlu_devices_on_pci_match_the_expected_count(host):
     report = run_fact(host)
     expected = int(role_var(host, "preflight", "preflight_expected_devices"))
-    assert report["error"] == ""
-    assert report["scanned"] > 0, "no PCI device at all: the script read the wrong sysfs"
+    if expected > 0:  # a server: its PCI bus must have been read (a sandbox VM may have none)
+        assert report["error"] == ""
+        assert report["scanned"] > expected, "too few PCI functions: the script read the wrong sysfs"
     assert report["count"] == expected, report["devices"]
     assert len(report["devices"]) == expected
     assert report["dropped"] == []
