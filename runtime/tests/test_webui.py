@@ -1,0 +1,85 @@
+"""The web chat in headless Chromium: type a message, read the streamed answer."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import time
+
+import pytest
+
+from cla2.engine import Engine, Result
+from cla2.serve import create_app
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture()
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    if not shutil.which("chromium") or not shutil.which("chromedriver"):
+        pytest.fail("the web chat test needs Debian's chromium and chromium-driver packages "
+                    "(apt-get install -y chromium chromium-driver)")
+    profile = tempfile.mkdtemp(prefix="cla2-chromium-")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1200,900"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_web_chat_streams_an_answer(tiny_model, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from test_serve import Server
+
+    engine = Engine.from_pretrained(tiny_model, name="tiny")
+    seen: dict = {"chunks": 0, "results": []}
+    real_stream = engine.stream
+
+    def recording_stream(prompt, params=None):
+        seen["prompt"] = prompt
+        for piece in real_stream(prompt, params):
+            if isinstance(piece, Result):
+                seen["results"].append(piece)
+            elif piece:
+                seen["chunks"] += 1
+            yield piece
+
+    engine.stream = recording_stream
+    server = Server(create_app(engine, web=True))
+    try:
+        browser.get(server.url + "/chat/")
+        wait = WebDriverWait(browser, 60)
+        # the chat's input box (the system prompt is a textarea too)
+        box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "textarea[placeholder='Type a message...']"))
+        box.send_keys("你好，请介绍一下你自己")
+        box.send_keys(Keys.ENTER)
+        wait.until(lambda d: seen["results"])
+        want = re.sub(r"\W", "", seen["results"][0].text)
+        assert want, "the engine produced an empty answer"
+
+        def bot_text(d):
+            # the chatbot renders markdown: compare the words, not the markup and spacing
+            els = d.find_elements(By.CSS_SELECTOR, "[data-testid='bot']")
+            return re.sub(r"\W", "", els[-1].text) if els else ""
+
+        deadline = time.time() + 30
+        while bot_text(browser) != want and time.time() < deadline:
+            time.sleep(0.2)
+        assert bot_text(browser) == want
+        assert "你好，请介绍一下你自己" in seen["prompt"] and seen["prompt"].startswith("[INST] <<SYS>>")
+        assert seen["chunks"] > 1  # it arrived in pieces
+    finally:
+        server.stop()
+        engine.close()
