@@ -40,7 +40,6 @@ def test_web_chat_streams_an_answer(tiny_model, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
-
     from test_serve import Server
 
     engine = Engine.from_pretrained(tiny_model, name="tiny")
