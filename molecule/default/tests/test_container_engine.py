@@ -15,7 +15,7 @@ PREEXISTING = "/etc/docker/cla2-test-preexisting.json"
 def ansible_var(host, name, default=None):
     """A variable as the inventory defines it, templated; `default` when the inventory leaves it to the role."""
     value = host.ansible("debug", "var=%s" % name, check=False).get(name)
-    if value is None or (isinstance(value, str) and value.startswith("VARIABLE IS NOT DEFINED")):
+    if value is None or (isinstance(value, str) and ("NOT DEFINED" in value or "is undefined" in value)):
         return default
     return value
 

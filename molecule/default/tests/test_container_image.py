@@ -6,7 +6,7 @@ import pytest
 
 def ansible_var(host, name, default=None):
     value = host.ansible("debug", "var=%s" % name, check=False).get(name)
-    if value is None or (isinstance(value, str) and value.startswith("VARIABLE IS NOT DEFINED")):
+    if value is None or (isinstance(value, str) and ("NOT DEFINED" in value or "is undefined" in value)):
         return default
     return value
 

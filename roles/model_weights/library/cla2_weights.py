@@ -37,6 +37,7 @@ options:
     type: str
     default: SHA256SUMS
   source_stamp: {description: Digest of the source listing computed by the caller, type: str}
+  source_label: {description: How to name the source in messages (the controller folder for staged sources), type: str}
   state: {type: str, choices: [query, placed], default: placed}
   verify: {type: str, choices: [stamp, full], default: stamp}
   timeout: {description: Seconds for each URL request to answer, type: int, default: 60}
@@ -395,10 +396,10 @@ class Placer(object):
                 break
         if bad:
             self.remove_staging()
-            raise PlaceError("checksum mismatch for %s: the manifest says %s, the copy has %s; the bad copy "
-                             "was removed%s" % (
-                                 ", ".join(os.path.join(self.dest, b) for b in bad), manifest[bad[0]],
-                                 computed[bad[0]],
+            label = self.m.params["source_label"] or self.source or self.staging
+            raise PlaceError("checksum mismatch for %s (from %s): the manifest says %s, the copy has %s; the bad "
+                             "copy was removed%s" % (
+                                 bad[0], os.path.join(label, bad[0]), manifest[bad[0]], computed[bad[0]],
                                  ", the previous copy at %s is untouched" % self.dest
                                  if os.path.isdir(self.dest) else ""))
         if self.source_type == "staged" and manifest is not None:
@@ -433,6 +434,7 @@ def main():
             manifest=dict(type="str", no_log=False),
             manifest_name=dict(type="str", default="SHA256SUMS"),
             source_stamp=dict(type="str"),
+            source_label=dict(type="str"),
             state=dict(type="str", choices=["query", "placed"], default="placed"),
             verify=dict(type="str", choices=["stamp", "full"], default="stamp"),
             timeout=dict(type="int", default=60),
