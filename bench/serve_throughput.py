@@ -1,0 +1,127 @@
+"""Serving throughput: N concurrent streaming clients vs the same requests one at a time.
+
+Real HTTP: `cla2 serve`'s app (FastAPI + the batching engine) under uvicorn on 127.0.0.1, clients
+streaming SSE with httpx. The baseline is what the seed's server does: one request after another.
+Printed: total generated tokens/s of each mode and their ratio (target >= 4 with 8 clients).
+
+    .venv-runtime/bin/python bench/serve_throughput.py            # full size
+    .venv-runtime/bin/python bench/serve_throughput.py --smoke    # seconds, for `make test`
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "runtime" / "src"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_local = threading.local()
+
+
+def stream_one(url: str, prompt: str, max_tokens: int) -> int:
+    """One streaming chat request; returns the completion tokens (from the usage chunk)."""
+    import httpx
+
+    if not hasattr(_local, "client"):  # one connection per client thread, as a real client keeps
+        _local.client = httpx.Client(timeout=600)
+    c = _local.client
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    tokens = 0
+    with c.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                data = json.loads(line[6:])
+                if "error" in data:
+                    raise RuntimeError(data["error"]["message"])
+                if data.get("usage"):
+                    tokens = data["usage"]["completion_tokens"]
+    return tokens
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny model, few tokens: seconds")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--hidden-size", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--model", type=Path, help="use this model folder instead of a random one")
+    args = ap.parse_args()
+    if args.smoke:
+        args.clients, args.max_tokens, args.hidden_size, args.layers = 4, 12, 64, 2
+
+    import torch
+    import uvicorn
+    from cla2 import tiny
+    from cla2.engine import Engine
+    from cla2.serve import create_app
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if model is None:
+            model = tiny.main(Path(tmp) / "model", hidden_size=args.hidden_size, layers=args.layers,
+                              intermediate_size=args.hidden_size * 8 // 3, heads=max(1, args.hidden_size // 64),
+                              vocab_size=8000 if not args.smoke else 1000, shards=1)
+        engine = Engine.from_pretrained(model, max_batch_size=args.clients, name="bench")
+        engine.eos_ids = set()  # random weights: generate every requested token in both modes
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(create_app(engine, web=False), host="127.0.0.1", port=port,
+                                               log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            prompts = [f"请写一段关于第{i}个城市的介绍。" for i in range(args.clients)]
+            with cf.ThreadPoolExecutor(args.clients) as ex:  # warm up every client thread's connection
+                list(ex.map(lambda p: stream_one(url, p, 2), prompts))
+            t0 = time.perf_counter()
+            with cf.ThreadPoolExecutor(1) as ex:
+                seq_tokens = sum(ex.map(lambda p: stream_one(url, p, args.max_tokens), prompts))
+            seq_s = time.perf_counter() - t0
+            engine.max_running = 0
+            t0 = time.perf_counter()
+            with cf.ThreadPoolExecutor(args.clients) as ex:
+                con_tokens = sum(ex.map(lambda p: stream_one(url, p, args.max_tokens), prompts))
+            con_s = time.perf_counter() - t0
+        finally:
+            server.should_exit = True
+            thread.join(timeout=30)
+            engine.close()
+    if seq_tokens != con_tokens or seq_tokens != args.clients * args.max_tokens:
+        print(f"FAIL: generated {seq_tokens} tokens one at a time, {con_tokens} concurrently, "
+              f"expected {args.clients * args.max_tokens}", file=sys.stderr)
+        return 1
+    seq_tps, con_tps = seq_tokens / seq_s, con_tokens / con_s
+    print(f"model: hidden {args.hidden_size}, {args.layers} layers; {args.clients} requests x {args.max_tokens} tokens; "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"one at a time : {seq_tps:8.1f} generated tokens/s ({seq_s:.2f}s)")
+    print(f"{args.clients} concurrent  : {con_tps:8.1f} generated tokens/s ({con_s:.2f}s), "
+          f"largest batch {engine.max_running}")
+    print(f"ratio: {con_tps / seq_tps:.2f}x (target >= 4)")
+    if engine.max_running < 2:
+        print("FAIL: concurrent requests were never batched together", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
