@@ -48,10 +48,9 @@ def main() -> int:
     if args.smoke:
         args.hidden_size, args.layers, args.subjects = 64, 2, "computer_network,law"
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from cla2 import eval as ev
     from cla2 import tiny
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     bench = ev.BENCHMARKS["ceval"]
     known = ev.subjects_of("ceval")
