@@ -245,9 +245,9 @@ def run(
     resume_from = check_out(out, job, resume, overwrite, settings)
     ds_config = resolve_deepspeed(deepspeed)
     zero3 = bool(ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3)
-    if ds_config is not None and dev.kind == "cpu" and world_size == 1:
-        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a C++ build, minutes) when it
-        # starts; a single process has nothing to share, so gloo alone does.
+    if ds_config is not None and dev.kind == "cpu":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a C++ build, minutes, needing a
+        # compiler in the container) when it starts; CPU runs are tests and sandboxes, gloo alone does.
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -279,6 +279,12 @@ def run(
         data_seed=seed, report_to=[], remove_unused_columns=False, label_names=["labels"],
         dataloader_num_workers=0, save_safetensors=True, disable_tqdm=rank != 0,
     )
+    if ds_config is not None and world_size > 1:
+        # ZeRO-3 partitions the weights while they load (zero.Init), and reads the world size from
+        # deepspeed.comm then: make sure it wraps the process group before (accelerate skips it on CPU).
+        import deepspeed as ds
+
+        ds.init_distributed(dist_backend=dev.backend)
     # Accelerators hold the frozen base in the training dtype; CPU keeps fp32 and autocasts.
     base = _load_model(AutoModelForCausalLM, model, torch_dtype if dev.kind != "cpu" else torch.float32)
     if gradient_checkpointing:
