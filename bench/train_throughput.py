@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Trained (non-padding) tokens per second: cla2's length-grouped batches against the seed's random ones.
 
-    python bench/train_throughput.py            # 320 samples, a small LLaMA; a couple of minutes on CPU
+    python bench/train_throughput.py            # 320 samples, a small LLaMA; 3-10 minutes on a 2-core CPU
     python bench/train_throughput.py --smoke    # seconds
     python bench/train_throughput.py --device cuda --samples 2000 --hidden 1024 --layers 8
 
