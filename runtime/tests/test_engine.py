@@ -103,7 +103,9 @@ def test_requests_join_a_running_batch(engine):
 
     long = threading.Thread(target=run, args=("long", "从前", params))
     long.start()
-    time.sleep(0.3)
+    deadline = time.time() + 10
+    while engine.num_running == 0 and time.time() < deadline:
+        time.sleep(0.01)
     assert engine.num_running == 1
     run("short", "你好", SamplingParams(temperature=0, max_new_tokens=5))
     long.join()
@@ -162,6 +164,9 @@ def test_bad_params(engine, field, value):
 def test_cancel_frees_the_slot(engine):
     it = engine.stream("从前", SamplingParams(max_new_tokens=1000, temperature=0))
     next(it)
+    deadline = time.time() + 5
+    while engine.num_running == 0 and time.time() < deadline:  # the first token comes before it joins
+        time.sleep(0.01)
     assert engine.num_running == 1
     it.close()
     deadline = time.time() + 5

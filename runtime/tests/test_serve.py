@@ -166,6 +166,9 @@ def test_disconnect_frees_the_slot(server, engine):
             lines = r.iter_lines()
             got = [next(lines) for _ in range(3)]
             assert any(g.startswith("data: ") for g in got)
+            deadline = time.time() + 5
+            while engine.num_running == 0 and time.time() < deadline:
+                time.sleep(0.01)
             assert engine.num_running == 1
     deadline = time.time() + 10
     while engine.num_running and time.time() < deadline:
