@@ -131,9 +131,9 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(REPO / "runtime" / "src"))
     if args.smoke:
-        shape = dict(layers=4, hidden=512, intermediate=1376, heads=8, vocab=8000)
+        shape = {"layers": 4, "hidden": 512, "intermediate": 1376, "heads": 8, "vocab": 8000}
     else:  # ~1.04B parameters: 2.1 GB in fp16, three shards
-        shape = dict(layers=16, hidden=2048, intermediate=5504, heads=16, vocab=55296)
+        shape = {"layers": 16, "hidden": 2048, "intermediate": 5504, "heads": 16, "vocab": 55296}
     if args.write:
         n = write_model(args.write / "base", shards=3, **shape)
         write_adapter(args.write / "adapter", args.write / "base", shape["layers"], shape["hidden"],
@@ -166,8 +166,8 @@ def main() -> None:
                     for k in fh.keys():  # noqa: SIM118
                         yield k, fh.get_tensor(k)
 
-        theirs = dict((k, f) for f in sorted((root / "merged-peft").glob("*.safetensors"))
-                      for k in safe_open(f, "pt").keys())  # noqa: SIM118
+        theirs = {k: f for f in sorted((root / "merged-peft").glob("*.safetensors"))
+                  for k in safe_open(f, "pt").keys()}  # noqa: SIM118
         worst = 0.0
         for k, t in tensors(root / "merged-cla2"):
             with safe_open(theirs[k], "pt") as fh:

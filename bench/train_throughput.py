@@ -76,10 +76,9 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "runtime" / "src"))
 
     import torch
+    from cla2.data import LengthGroupedSampler, PadCollator, TokenizedDataset
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from cla2.data import LengthGroupedSampler, PadCollator, TokenizedDataset
 
     if args.smoke:
         args.samples, args.hidden, args.layers = 64, 64, 2
