@@ -193,7 +193,10 @@ def create_app(engine: Engine | None = None, model_name: str | None = None, api_
         except APIError as err:
             response = _error_response(err)
         if not path.startswith("/chat"):
-            metrics.http.labels(path if path.startswith("/v1/") else path.split("?")[0], str(response.status_code)).inc()
+            # known routes only as labels: a scan of random URLs must not grow the metric without bound
+            label = path if path in ("/health", "/metrics", "/v1/models", "/v1/chat/completions",
+                                     "/v1/completions") else "other"
+            metrics.http.labels(label, str(response.status_code)).inc()
         return response
 
     @app.exception_handler(APIError)
