@@ -80,7 +80,7 @@ def main() -> int:
         if args.index_url:
             cmd += ["--index-url", args.index_url]
         cmd.append(args.wheel)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if proc.returncode:
             sys.stderr.write(proc.stdout + proc.stderr)
             sys.stderr.write(f"pip download failed for {args.wheel} (Python {args.python_version}); "
@@ -89,6 +89,9 @@ def main() -> int:
     for spec in args.provided:
         for stub in args.dest.glob(f"{spec.partition('==')[0].replace('-', '_')}-*+provided-*.whl"):
             stub.unlink()
+    own = args.dest / Path(args.wheel).name
+    if own.exists():
+        own.unlink()  # the wheelhouse holds the dependencies only; the wheel travels on its own
     names = sorted(p.name for p in args.dest.glob("*.whl"))
     print(json.dumps({"dest": str(args.dest), "wheels": names}))
     return 0
