@@ -78,15 +78,19 @@ def add_function_arguments(parser: argparse.ArgumentParser, fn) -> None:
         parser.add_argument(*flags, **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for ``argv``: when it names a sub-command, only that job's module is imported (the
+    others pull in heavy libraries such as gradio), else all of them, for the full ``--help``."""
+    wanted = next((a for a in (argv or []) if not a.startswith("-")), None)
+    names = [wanted] if wanted in COMMANDS else list(COMMANDS)
     parser = argparse.ArgumentParser(prog="cla2", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     from cla2 import __version__
 
     parser.add_argument("--version", action="version", version=f"cla2 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, module in COMMANDS.items():
-        fn = importlib.import_module(module).main
+    for name in names:
+        fn = importlib.import_module(COMMANDS[name]).main
         doc = inspect.getdoc(fn) or ""
         summary = doc.split("\n\n")[0].replace("\n", " ")
         description = doc.split("\nArgs:")[0]
@@ -99,9 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = vars(build_parser().parse_args(argv))
+    argv = sys.argv[1:] if argv is None else argv
+    args = vars(build_parser(argv).parse_args(argv))
     fn = args.pop("_fn")
-    args.pop("command")
+    args_command = args.pop("command")
     positional = [args.pop(n) for n, p in inspect.signature(fn).parameters.items()
                   if p.kind == p.POSITIONAL_ONLY]
     try:
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         # Errors the jobs raise are written for the operator; the traceback is one variable away.
         if os.environ.get("CLA2_TRACEBACK"):
             raise
-        print(f"cla2 {sys.argv[1] if len(sys.argv) > 1 else ''}: error: {exc}", file=sys.stderr)
+        print(f"cla2 {args_command}: error: {exc}", file=sys.stderr)
         sys.exit(2)
 
 

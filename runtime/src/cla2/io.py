@@ -65,16 +65,26 @@ def save_sharded(state_dict: dict[str, torch.Tensor], folder: Path, shards: int 
     """Save a state dict as ``shards`` safetensors files of about equal size, with an index when > 1."""
     from safetensors.torch import save_file
 
-    total = sum(t.numel() * t.element_size() for t in state_dict.values())
-    groups: list[list[str]] = [[] for _ in range(shards)]
-    done = 0
-    for n, t in state_dict.items():
-        groups[min(shards - 1, int(done * shards / max(total, 1)))].append(n)
-        done += t.numel() * t.element_size()
-    groups = [g for g in groups if g]
+    sizes = [(n, t.numel() * t.element_size()) for n, t in state_dict.items()]
+    total = sum(size for _, size in sizes)
+    # Fill shards in order, each up to an equal share of what is left, keeping at least one tensor
+    # for every shard still to come (so a model whose embedding dominates still gets `shards` files).
+    groups: list[list[str]] = []
+    i = 0
+    for k in range(shards):
+        left = shards - k
+        target = sum(size for _, size in sizes[i:]) / left
+        group: list[str] = []
+        size = 0
+        while i < len(sizes) and (not group or left == 1 or (size < target and i < len(sizes) - (left - 1))):
+            group.append(sizes[i][0])
+            size += sizes[i][1]
+            i += 1
+        if group:
+            groups.append(group)
     files = shard_names(len(groups))
     weight_map = {}
-    for fname, group in zip(files, groups):
+    for fname, group in zip(files, groups, strict=True):
         save_file({n: state_dict[n].contiguous() for n in group}, str(Path(folder) / fname),
                   metadata={"format": "pt"})
         weight_map.update({n: fname for n in group})
