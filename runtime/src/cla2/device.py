@@ -104,7 +104,7 @@ class Device:
             self.module.synchronize()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pick(kind: str | None = None) -> Device:
     """Return the device to use: ``kind`` if given (error if unusable), else mlu, then cuda, then cpu."""
     if kind is not None and kind not in KINDS and kind != "auto":

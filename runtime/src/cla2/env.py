@@ -58,7 +58,7 @@ def main(device: str | None = None, json: bool = False) -> dict:
     for lib in ("torch", "torch_mlu", "transformers", "peft", "deepspeed"):
         lines.append(f"  {lib:<13} {rep[lib] or 'not installed'}")
     lines.append(f"device {rep['device']} x{rep['count']} (distributed backend {rep['backend']})")
-    for mem, name in zip(rep["memory"], rep["names"]):
+    for mem, name in zip(rep["memory"], rep["names"], strict=True):
         lines.append(f"  [{mem['index']}] {name}: {mem['free'] / gib:.1f} GiB free of {mem['total'] / gib:.1f} GiB")
     lines.append("dtypes: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in rep["dtypes"].items()))
     print("\n".join(lines))
