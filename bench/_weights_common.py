@@ -73,6 +73,7 @@ PLAYBOOK = """---
         dest: "{{ bench_results }}"
         content: "{{ {'placed': model_weights__placed | default({}), 'query': model_weights__query | default({})} | to_json }}"
         mode: "0644"
+      changed_when: false  # the bench's own bookkeeping: the recap counts the role's changes only
 """
 
 

@@ -45,8 +45,10 @@ options:
   mode: {description: Mode of the placed files, type: str, default: "0644"}
 """
 
+import errno
 import hashlib
 import json
+import mmap
 import os
 import queue
 import shutil
@@ -58,6 +60,25 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.urls import open_url
 
 CHUNK = 8 << 20
+
+
+def _sync_file_range():
+    """libc's sync_file_range (Linux), to start writing each chunk to disk as soon as it is copied,
+    so the disk works while the next chunks are copied and hashed; None where it is not available."""
+    try:
+        import ctypes
+        import ctypes.util
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        return fn
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
+SYNC_FILE_RANGE = _sync_file_range()
+SYNC_FILE_RANGE_WRITE = 2
 META_MANIFEST = ".cla2-manifest.sha256"
 META_STAMP = ".cla2-stamp.json"
 META_PROGRESS = ".cla2-progress.json"
@@ -148,7 +169,7 @@ def fsync_dir(path):
 
 
 class Hasher(object):
-    """sha256 on its own thread: hashlib releases the GIL, so hashing overlaps reads and writes."""
+    """sha256 on its own thread: hashlib releases the GIL, so hashing overlaps the copy."""
 
     def __init__(self):
         self.h = hashlib.sha256()
@@ -161,16 +182,80 @@ class Hasher(object):
         while True:
             buf = self.q.get()
             if buf is None:
+                self.q.task_done()
                 return
             self.h.update(buf)
+            if isinstance(buf, memoryview):
+                buf.release()
+            self.q.task_done()
 
     def update(self, buf):
         self.q.put(buf)
+
+    def wait(self):
+        """Every queued buffer is hashed (and a memoryview released)."""
+        self.q.join()
 
     def hexdigest(self):
         self.q.put(None)
         self.t.join()
         return self.h.hexdigest()
+
+
+def kernel_copy_hashed(src, target, have, hasher):
+    """Copy src into target from offset `have`, hashing as it goes; returns the bytes copied.
+
+    Each chunk is copied by the kernel (copy_file_range, as `cp` does: no pass through a Python
+    buffer), then hashed on the hasher's thread from a read-only mapping of the source while the
+    kernel copies the next chunk. The source is fetched from its storage once; the hash is of the
+    source bytes, which the manifest is about. Without copy_file_range (older kernels or Pythons,
+    some cross-file-system pairs) the chunk is written from the mapping with pwrite.
+    """
+    with open(src, "rb", buffering=0) as fin:
+        size = os.fstat(fin.fileno()).st_size
+        try:
+            os.posix_fadvise(fin.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except (AttributeError, OSError):
+            pass
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.ftruncate(fd, have)
+            if size > have:
+                mm = mmap.mmap(fin.fileno(), 0, access=mmap.ACCESS_READ)
+                view = memoryview(mm)
+                kernel = hasattr(os, "copy_file_range")
+                try:
+                    off = have
+                    while off < size:
+                        n = min(CHUNK, size - off)
+                        done = 0
+                        while done < n:
+                            k = 0
+                            if kernel:
+                                try:
+                                    k = os.copy_file_range(fin.fileno(), fd, n - done, off + done, off + done)
+                                except OSError as exc:
+                                    if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                                        raise
+                                    kernel = False
+                                    continue
+                            else:
+                                k = os.pwrite(fd, view[off + done:off + n], off + done)
+                            if k == 0:
+                                raise PlaceError("%s shrank while it was copied" % src)
+                            done += k
+                        hasher.update(view[off:off + n])
+                        if SYNC_FILE_RANGE is not None:
+                            SYNC_FILE_RANGE(fd, off, n, SYNC_FILE_RANGE_WRITE)
+                        off += n
+                finally:
+                    hasher.wait()
+                    view.release()
+                    mm.close()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return size - have
 
 
 def hash_prefix(hasher, path, length):
@@ -292,8 +377,11 @@ class Placer(object):
                 bad.append(rel)
         return bad
 
-    def copy_one(self, rel, progress, expected_size):
-        """Copy one file into staging, hashing as it goes; resume a partial copy."""
+    def copy_one(self, rel, progress, expected_size, trust_prefix):
+        """Copy one file into staging, hashing as it goes; resume a partial copy.
+
+        A partial file is continued only when a manifest will check the result (trust_prefix):
+        otherwise a prefix damaged by a crash would end up in the kit's own manifest."""
         target = os.path.join(self.staging, rel)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         done = progress.get(rel)
@@ -309,7 +397,7 @@ class Placer(object):
             self.result["bytes_hashed"] += os.path.getsize(target)
             return h.hexdigest()
         have = os.path.getsize(target) if os.path.isfile(target) else 0
-        if expected_size is not None and have > expected_size:
+        if (expected_size is not None and have > expected_size) or not trust_prefix:
             have = 0
         h = Hasher()
         if have:
@@ -318,16 +406,7 @@ class Placer(object):
             src = os.path.join(self.source, rel)
             if not os.path.isfile(src):
                 raise PlaceError("%s is listed in the manifest but missing from %s" % (rel, self.source))
-            with open(src, "rb", buffering=0) as fin:
-                if have:
-                    fin.seek(have)
-                try:
-                    os.posix_fadvise(fin.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                except (AttributeError, OSError):
-                    pass
-                with open(target, "ab" if have else "wb", buffering=0) as fout:
-                    n = pump(fin.read, fout, h)
-                    os.fsync(fout.fileno())
+            n = kernel_copy_hashed(src, target, have, h)
         else:
             url = self.url_of(rel)
             try:
@@ -386,7 +465,7 @@ class Placer(object):
         computed = {}
         bad = []
         for rel in names:
-            sha = self.copy_one(rel, files, sizes.get(rel))
+            sha = self.copy_one(rel, files, sizes.get(rel), manifest is not None)
             computed[rel] = sha
             size = os.path.getsize(os.path.join(self.staging, rel))
             files[rel] = {"size": size, "sha256": sha}
