@@ -8,7 +8,7 @@ RT_VENV := .venv-runtime
 TORCH_SPEC ?= torch==2.13.0
 FIXTURES := $(CURDIR)/.cache/fixtures
 # Molecule scenarios run by `make test`, in order.
-SCENARIOS ?= default
+SCENARIOS ?= default preflight_driver_failures image_weights_failures
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export CLA2_FIXTURES := $(FIXTURES)
 export ANSIBLE_FORCE_COLOR := 0
