@@ -8,12 +8,15 @@ RT_VENV := .venv-runtime
 TORCH_SPEC ?= torch==2.13.0
 FIXTURES := $(CURDIR)/.cache/fixtures
 # Molecule scenarios run by `make test`, in order.
-SCENARIOS ?= default preflight_driver_failures image_weights_failures
+SCENARIOS ?= default preflight_driver_failures image_weights_failures jobs multinode
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export CLA2_FIXTURES := $(FIXTURES)
+# pip that builds the runtime's wheelhouse and the stand-in image's wheels on the controller
+export CLA2_HOST_PIP := $(CURDIR)/$(VENV)/bin/python -m pip
+DEMO_VARS := -e @playbooks/vars/sandbox-demo.yml
 export ANSIBLE_FORCE_COLOR := 0
 
-.PHONY: demo test venv runtime-venv sandbox-image fixtures lint test-runtime test-molecule bench-smoke \
+.PHONY: demo bench-demo test venv runtime-venv sandbox-image fixtures lint test-runtime test-molecule bench-smoke \
         sandbox sandbox-destroy clean
 
 venv: $(VENV)/.done
@@ -59,8 +62,21 @@ sandbox: venv fixtures
 sandbox-destroy: venv
 	ansible-playbook playbooks/sandbox.yml -e sandbox_state=absent
 
+# Sandbox host, site.yml, the seed's whole workflow on a tiny model (run name `demo`: a re-run finds
+# every stage done and changes nothing), then the web chat and the API stay up.
 demo: sandbox
-	ansible-playbook site.yml -l mlu-hosts
+	ansible-playbook site.yml -l mlu-hosts $(DEMO_VARS)
+	ansible-playbook playbooks/pipeline.yml -l mlu-hosts $(DEMO_VARS) -e cla2_demo=true -e cla2_run=demo
+	@ip=$$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' cla2-sandbox-1); \
+	 echo; echo "Demo ready. Reports: reports/cla2-sandbox-1/demo/ (comparison.md compares C-Eval across stages)"; \
+	 echo "  web chat: http://$$ip:19327/chat/   (password: the API key)"; \
+	 echo "  API:      http://$$ip:19327/v1      (API key: cla2-demo-key)"; \
+	 echo "  try:      curl -s http://$$ip:19327/v1/chat/completions -H 'Authorization: Bearer cla2-demo-key' \\"; \
+	 echo "              -H 'Content-Type: application/json' -d '{\"model\": \"merged-pt\", \"messages\": [{\"role\": \"user\", \"content\": \"你好\"}]}'"
+
+# Time of each stage of the demo, the re-run, and the kit's job overhead (docs/benchmarks.md).
+bench-demo: venv
+	bench/demo_stages.py --skip-provision
 
 clean: sandbox-destroy
 	rm -rf $(VENV) $(RT_VENV) .cache
