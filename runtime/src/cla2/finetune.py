@@ -83,20 +83,11 @@ def main(
         device: Device kind: auto (mlu, then cuda, then cpu), mlu, cuda or cpu.
         seed: Random seed (LoRA init, data order, dropout).
     """
-    from cla2.data import instruction_dataset
-
     args = {k: v for k, v in locals().items() if not k.startswith("_")}
+    from cla2.data import instruction_dataset
 
     def make_dataset(tok):
         return instruction_dataset(data, tok, max_seq_length, system_prompt)
 
-    return training.run(
-        job="finetune", make_dataset=make_dataset, args=args, model=model, out=out, tokenizer=tokenizer,
-        max_steps=max_steps, epochs=epochs, batch_size=batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps, lr=lr, warmup_ratio=warmup_ratio,
-        weight_decay=weight_decay, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        lora_targets=lora_targets, modules_to_save=modules_to_save, deepspeed=deepspeed, dtype=dtype,
-        gradient_checkpointing=gradient_checkpointing, group_by_length=group_by_length, save_steps=save_steps,
-        save_total_limit=save_total_limit, logging_steps=logging_steps, resume=resume, overwrite=overwrite,
-        device=device, seed=seed, callbacks=_callbacks,
-    )
+    return training.run(job="finetune", make_dataset=make_dataset, args=args, callbacks=_callbacks,
+                        **training.run_options(args))

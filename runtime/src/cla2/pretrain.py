@@ -76,20 +76,11 @@ def main(
         device: Device kind: auto (mlu, then cuda, then cpu), mlu, cuda or cpu.
         seed: Random seed (LoRA init, data order, dropout).
     """
-    from cla2.data import text_dataset
-
     args = {k: v for k, v in locals().items() if not k.startswith("_")}
+    from cla2.data import text_dataset
 
     def make_dataset(tok):
         return text_dataset(data, tok, block_size, cache_dir)
 
-    return training.run(
-        job="pretrain", make_dataset=make_dataset, args=args, model=model, out=out, tokenizer=tokenizer,
-        max_steps=max_steps, epochs=epochs, batch_size=batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps, lr=lr, warmup_ratio=warmup_ratio,
-        weight_decay=weight_decay, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        lora_targets=lora_targets, modules_to_save=modules_to_save, deepspeed=deepspeed, dtype=dtype,
-        gradient_checkpointing=gradient_checkpointing, group_by_length=False, save_steps=save_steps,
-        save_total_limit=save_total_limit, logging_steps=logging_steps, resume=resume, overwrite=overwrite,
-        device=device, seed=seed, callbacks=_callbacks,
-    )
+    return training.run(job="pretrain", make_dataset=make_dataset, args=args, callbacks=_callbacks,
+                        group_by_length=False, **training.run_options(args))

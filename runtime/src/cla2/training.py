@@ -16,6 +16,7 @@ ranks before saving, so the adapter is complete (the seed's ZeRO-3 runs saved em
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import re
@@ -201,6 +202,12 @@ def adapter_state(model, zero3: bool) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------- the run
+def run_options(args: dict) -> dict:
+    """The flags of a job that ``run`` takes as parameters (the job's own, e.g. --data, stay in ``args``)."""
+    params = inspect.signature(run).parameters
+    return {k: v for k, v in args.items() if k in params and k not in ("job", "make_dataset", "args", "callbacks")}
+
+
 def run(
     *,
     job: str,
