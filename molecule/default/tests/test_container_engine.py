@@ -6,18 +6,11 @@ operator's keys kept. Runs on sandbox hosts (molecule verify) and unchanged on r
 import json
 
 import pytest
+from _infra import ansible_var
 
 DAEMON_JSON = "/etc/docker/daemon.json"
 # Written by molecule/default/prepare.yml with the keys daemon.json had before the kit ran.
 PREEXISTING = "/etc/docker/cla2-test-preexisting.json"
-
-
-def ansible_var(host, name, default=None):
-    """A variable as the inventory defines it, templated; `default` when the inventory leaves it to the role."""
-    value = host.ansible("debug", "var=%s" % name, check=False).get(name)
-    if value is None or (isinstance(value, str) and ("NOT DEFINED" in value or "is undefined" in value)):
-        return default
-    return value
 
 
 @pytest.fixture(scope="module")

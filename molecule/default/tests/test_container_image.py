@@ -2,13 +2,7 @@
 on the data disk. Sandbox and real servers alike (see test_container_engine.py)."""
 
 import pytest
-
-
-def ansible_var(host, name, default=None):
-    value = host.ansible("debug", "var=%s" % name, check=False).get(name)
-    if value is None or (isinstance(value, str) and ("NOT DEFINED" in value or "is undefined" in value)):
-        return default
-    return value
+from _infra import ansible_var
 
 
 @pytest.fixture(scope="module")

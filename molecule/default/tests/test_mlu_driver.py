@@ -11,34 +11,15 @@ the role accepts.
 from __future__ import annotations
 
 import importlib.util
-import pathlib
-from functools import cache
 
 import pytest
-import yaml
+from _infra import ROOT, role_var
 
-ROOT = pathlib.Path(__file__).resolve().parents[3]
 _spec = importlib.util.spec_from_file_location(
     "cla2_cnmon", ROOT / "roles/mlu_driver/filter_plugins/cnmon.py"
 )
 cnmon = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cnmon)
-
-
-@cache
-def _inventory_vars(host) -> dict:
-    try:
-        return dict(host.ansible.get_variables())
-    except RuntimeError:  # not an ansible backend: role defaults only
-        return {}
-
-
-def role_var(host, name: str):
-    """An mlu_driver variable as the inventory sets it, else the role's default."""
-    value = _inventory_vars(host).get(name)
-    if value is not None and not (isinstance(value, str) and "{{" in value):
-        return value
-    return yaml.safe_load((ROOT / "roles/mlu_driver/defaults/main.yml").read_text())[name]
 
 
 def installed_driver_packages(host) -> dict[str, str]:

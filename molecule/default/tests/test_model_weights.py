@@ -7,14 +7,12 @@ import hashlib
 import json
 import os
 
+from _infra import ansible_var
+
 KIT_FILES = {".cla2-manifest.sha256", ".cla2-stamp.json"}
 
 
-def ansible_var(host, name, default=None):
-    value = host.ansible("debug", "var=%s" % name, check=False).get(name)
-    if value is None or (isinstance(value, str) and ("NOT DEFINED" in value or "is undefined" in value)):
-        return default
-    return value
+
 
 
 def items(host):

@@ -8,32 +8,12 @@ where the device count is the real one (16 on an 8-card MLU370-X8 server).
 from __future__ import annotations
 
 import json
-import pathlib
 import shlex
-from functools import cache
 
 import pytest
-import yaml
+from _infra import role_var
 
-ROOT = pathlib.Path(__file__).resolve().parents[3]
 FACT = "/etc/ansible/facts.d/cla2_mlu_pci.fact"
-
-
-@cache
-def _inventory_vars(host) -> dict:
-    try:
-        return dict(host.ansible.get_variables())
-    except RuntimeError:  # not an ansible backend: role defaults only
-        return {}
-
-
-def role_var(host, role: str, name: str):
-    """A role variable as the inventory sets it, else the role's default (templates are not rendered)."""
-    value = _inventory_vars(host).get(name)
-    if value is not None and not (isinstance(value, str) and "{{" in value):
-        return value
-    defaults = yaml.safe_load((ROOT / "roles" / role / "defaults" / "main.yml").read_text())
-    return defaults[name]
 
 
 def run_fact(host, *args: str, env: str = "") -> dict:
@@ -52,7 +32,7 @@ def test_facts_script_installed(host):
 
 def test_mlu_devices_on_pci_match_the_expected_count(host):
     report = run_fact(host)
-    expected = int(role_var(host, "preflight", "preflight_expected_devices"))
+    expected = int(role_var(host, "preflight_expected_devices"))
     if expected > 0:  # a server: its PCI bus must have been read (a sandbox VM may have none)
         assert report["error"] == ""
         assert report["scanned"] > expected, "too few PCI functions: the script read the wrong sysfs"
