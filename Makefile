@@ -16,7 +16,7 @@ export CLA2_HOST_PIP := $(CURDIR)/$(VENV)/bin/python -m pip
 DEMO_VARS := -e @playbooks/vars/sandbox-demo.yml
 export ANSIBLE_FORCE_COLOR := 0
 
-.PHONY: demo bench-demo test venv runtime-venv sandbox-image fixtures lint test-runtime test-molecule bench-smoke \
+.PHONY: demo bench-demo test venv runtime-venv sandbox-image fixtures lint test-units test-runtime test-molecule bench-smoke \
         sandbox sandbox-destroy clean
 
 venv: $(VENV)/.done
@@ -43,7 +43,11 @@ fixtures: venv sandbox-image runtime-venv
 lint: venv runtime-venv
 	yamllint --strict .
 	ansible-lint
-	$(RT_VENV)/bin/ruff check runtime bench
+	$(RT_VENV)/bin/ruff check runtime bench tests
+
+# The roles' own modules, run as Ansible runs them (tests/unit).
+test-units: venv
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/unit
 
 test-runtime: runtime-venv
 	cd runtime && ../$(RT_VENV)/bin/pytest -q -p no:cacheprovider
@@ -54,7 +58,7 @@ test-molecule: venv fixtures
 bench-smoke: venv runtime-venv
 	bench/smoke.sh
 
-test: lint test-runtime test-molecule bench-smoke
+test: lint test-units test-runtime test-molecule bench-smoke
 
 sandbox: venv fixtures
 	ansible-playbook playbooks/sandbox.yml

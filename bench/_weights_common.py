@@ -77,7 +77,8 @@ PLAYBOOK = """---
 """
 
 
-def run_role(work: Path, items: list[dict], data_root: Path, verify: str = "stamp") -> tuple[float, dict, str]:
+def run_role(work: Path, items: list[dict], data_root: Path, verify: str = "stamp",
+             extra_vars: dict | None = None) -> tuple[float, dict, str]:
     """ansible-playbook with the model_weights role against this machine; (seconds, results, output)."""
     playbook = work / "place.yml"
     playbook.write_text(PLAYBOOK)
@@ -85,7 +86,7 @@ def run_role(work: Path, items: list[dict], data_root: Path, verify: str = "stam
     results = work / "results.json"
     extra.write_text(json.dumps({
         "cla2_data_root": str(data_root), "model_weights_models": items, "model_weights_verify": verify,
-        "bench_results": str(results),
+        "bench_results": str(results), **(extra_vars or {}),
         "ansible_python_interpreter": str(REPO / ".venv" / "bin" / "python")
         if (REPO / ".venv" / "bin" / "python").exists() else sys.executable}))
     env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_ROLES_PATH=str(REPO / "roles"),

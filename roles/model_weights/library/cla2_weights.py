@@ -3,7 +3,7 @@
 # Why a module of our own instead of copy/synchronize + stat(checksum): weights are tens of GB and
 # the kit must read them once. This module copies (from a folder on the host, e.g. a shared mount,
 # or from a URL) and hashes in the same pass, with the hashing on a second thread so it overlaps the
-# I/O; it resumes a partial file (re-hashing only the prefix already there, HTTP Range for URLs); it
+# I/O and several files in flight at once so that every core hashes; it resumes a partial file (re-hashing only the prefix already there, HTTP Range for URLs); it
 # stages next to the final folder and renames, so a half-copied model never appears under its final
 # name; and it keeps a stamp of sizes and mtimes so a second run reads no weight at all.
 from __future__ import annotations
@@ -43,10 +43,16 @@ options:
   timeout: {description: Seconds for each URL request to answer, type: int, default: 60}
   validate_certs: {type: bool, default: true}
   mode: {description: Mode of the placed files, type: str, default: "0644"}
+  workers:
+    description: Files copied and hashed at once; 0 is one per CPU core of the host, at most 8.
+    type: int
+    default: 0
 """
 
+import concurrent.futures
 import errno
 import hashlib
+import http.client
 import json
 import mmap
 import os
@@ -60,6 +66,7 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.urls import open_url
 
 CHUNK = 8 << 20
+MAX_WORKERS = 8
 
 
 def _sync_file_range():
@@ -87,6 +94,46 @@ META = (META_MANIFEST, META_STAMP, META_PROGRESS)
 
 class PlaceError(Exception):
     pass
+
+
+class Stopped(Exception):
+    """A file's copy was abandoned because another file failed."""
+
+
+def worker_count(wanted, files):
+    """Files in flight at once: `wanted`, or with 0 one per CPU core this process may run on."""
+    if wanted <= 0:
+        try:
+            wanted = min(len(os.sched_getaffinity(0)), MAX_WORKERS)
+        except AttributeError:
+            wanted = min(os.cpu_count() or 1, MAX_WORKERS)
+    return max(1, min(wanted, files))
+
+
+def for_each_file(names, work, workers, stop):
+    """work(rel) for every name, `workers` files at a time, largest first where the caller sorted them.
+
+    One sha256 stream runs on one core at about the speed of a disk copy, so hashing file after file
+    cannot keep up with `cp` on a fast disk; hashlib and the copy system calls release the GIL, so
+    threads put every core to work. The first error sets `stop`: files not yet started are skipped,
+    files in flight give up at their next chunk, and once every thread has stopped the error is raised.
+    """
+    def guarded(rel):
+        if stop.is_set():
+            return
+        try:
+            work(rel)
+        except Stopped:
+            pass
+        except BaseException:
+            stop.set()
+            raise
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(guarded, rel) for rel in names]
+    for future in futures:
+        if future.exception() is not None:
+            raise future.exception()
 
 
 def parse_manifest(text):
@@ -196,13 +243,18 @@ class Hasher(object):
         """Every queued buffer is hashed (and a memoryview released)."""
         self.q.join()
 
+    def close(self):
+        """End the thread (after what is queued); safe to call twice."""
+        if self.t.is_alive():
+            self.q.put(None)
+            self.t.join()
+
     def hexdigest(self):
-        self.q.put(None)
-        self.t.join()
+        self.close()
         return self.h.hexdigest()
 
 
-def kernel_copy_hashed(src, target, have, hasher):
+def kernel_copy_hashed(src, target, have, hasher, stop=None):
     """Copy src into target from offset `have`, hashing as it goes; returns the bytes copied.
 
     Each chunk is copied by the kernel (copy_file_range, as `cp` does: no pass through a Python
@@ -227,6 +279,8 @@ def kernel_copy_hashed(src, target, have, hasher):
                 try:
                     off = have
                     while off < size:
+                        if stop is not None and stop.is_set():
+                            raise Stopped()
                         n = min(CHUNK, size - off)
                         done = 0
                         while done < n:
@@ -258,10 +312,12 @@ def kernel_copy_hashed(src, target, have, hasher):
     return size - have
 
 
-def hash_prefix(hasher, path, length):
+def hash_prefix(hasher, path, length, stop=None):
     with open(path, "rb", buffering=0) as fh:
         left = length
         while left:
+            if stop is not None and stop.is_set():
+                raise Stopped()
             buf = fh.read(min(CHUNK, left))
             if not buf:
                 raise PlaceError("%s shrank while resuming" % path)
@@ -269,9 +325,11 @@ def hash_prefix(hasher, path, length):
             left -= len(buf)
 
 
-def pump(reader, out, hasher):
+def pump(reader, out, hasher, stop=None):
     n = 0
     while True:
+        if stop is not None and stop.is_set():
+            raise Stopped()
         buf = reader(CHUNK)
         if not buf:
             return n
@@ -291,6 +349,7 @@ class Placer(object):
         self.source_type = p["source_type"]
         self.source = p["source"]
         self.mode = int(p["mode"], 8)
+        self.workers = p["workers"]
         self.result = {"changed": False, "dest": self.dest, "staging": self.staging, "bytes_copied": 0,
                        "bytes_resumed": 0, "bytes_hashed": 0, "seconds": 0.0, "files": 0}
 
@@ -361,24 +420,45 @@ class Placer(object):
         return None
 
     def verify_all(self, root, manifest):
+        """Names of the files under root that are missing or do not match the manifest."""
         bad = []
-        for rel in sorted(manifest):
+        lock = threading.Lock()
+
+        def check(rel):
             h = hashlib.sha256()
-            path = os.path.join(root, rel)
+            n = 0
             try:
-                with open(path, "rb", buffering=0) as fh:
+                with open(os.path.join(root, rel), "rb", buffering=0) as fh:
                     for buf in iter(lambda: fh.read(CHUNK), b""):
                         h.update(buf)
-                        self.result["bytes_hashed"] += len(buf)
+                        n += len(buf)
             except OSError:
-                bad.append(rel + " (missing)")
-                continue
-            if h.hexdigest() != manifest[rel]:
-                bad.append(rel)
-        return bad
+                with lock:
+                    bad.append(rel + " (missing)")
+                return
+            with lock:
+                self.result["bytes_hashed"] += n
+                if h.hexdigest() != manifest[rel]:
+                    bad.append(rel)
 
-    def copy_one(self, rel, progress, expected_size, trust_prefix):
-        """Copy one file into staging, hashing as it goes; resume a partial copy.
+        names = self.largest_first(root, manifest)
+        for_each_file(names, check, worker_count(self.workers, len(names)), threading.Event())
+        return sorted(bad)
+
+    @staticmethod
+    def largest_first(root, names):
+        """Names ordered by the size of root/name, largest first (missing files last), so that the
+        workers finish together instead of one big file starting last."""
+        def size(rel):
+            try:
+                return os.path.getsize(os.path.join(root, rel))
+            except OSError:
+                return -1
+        return sorted(sorted(names), key=size, reverse=True)
+
+    def copy_one(self, rel, progress, expected_size, trust_prefix, stop):
+        """Copy one file into staging, hashing as it goes; resume a partial copy. Returns
+        (sha256, bytes copied, bytes resumed, bytes hashed from staging).
 
         A partial file is continued only when a manifest will check the result (trust_prefix):
         otherwise a prefix damaged by a crash would end up in the kit's own manifest."""
@@ -387,44 +467,55 @@ class Placer(object):
         done = progress.get(rel)
         if done and os.path.isfile(target) and os.path.getsize(target) == done["size"] \
                 and (expected_size is None or expected_size == done["size"]):
-            return done["sha256"]
-        if self.source_type == "staged":
-            h = Hasher()
-            try:
-                hash_prefix(h, target, os.path.getsize(target))
-            except OSError:
-                raise PlaceError("%s was not transferred into %s" % (rel, self.staging))
-            self.result["bytes_hashed"] += os.path.getsize(target)
-            return h.hexdigest()
-        have = os.path.getsize(target) if os.path.isfile(target) else 0
-        if (expected_size is not None and have > expected_size) or not trust_prefix:
-            have = 0
+            return done["sha256"], 0, 0, 0
         h = Hasher()
-        if have:
-            hash_prefix(h, target, have)
-        if self.source_type == "path":
-            src = os.path.join(self.source, rel)
-            if not os.path.isfile(src):
-                raise PlaceError("%s is listed in the manifest but missing from %s" % (rel, self.source))
-            n = kernel_copy_hashed(src, target, have, h)
-        else:
-            url = self.url_of(rel)
-            try:
-                resp = self.open_url(url, have)
-            except Exception as exc:
-                raise PlaceError("could not download %s: %s" % (url, exc))
-            if have and getattr(resp, "status", getattr(resp, "code", 200)) != 206:
-                # The server ignored the Range: start this file over.
-                h.hexdigest()
-                h = Hasher()
+        try:
+            if self.source_type == "staged":
+                try:
+                    size = os.path.getsize(target)
+                    hash_prefix(h, target, size, stop)
+                except OSError:
+                    raise PlaceError("%s was not transferred into %s" % (rel, self.staging))
+                return h.hexdigest(), 0, 0, size
+            have = os.path.getsize(target) if os.path.isfile(target) else 0
+            if (expected_size is not None and have > expected_size) or not trust_prefix:
                 have = 0
-            with open(target, "ab" if have else "wb", buffering=0) as fout:
-                n = pump(resp.read, fout, h)
-                os.fsync(fout.fileno())
-        self.result["bytes_copied"] += n
-        self.result["bytes_resumed"] += have
-        os.chmod(target, self.mode)
-        return h.hexdigest()
+            if have:
+                hash_prefix(h, target, have, stop)
+            if self.source_type == "path":
+                src = os.path.join(self.source, rel)
+                if not os.path.isfile(src):
+                    raise PlaceError("%s is listed in the manifest but missing from %s" % (rel, self.source))
+                n = kernel_copy_hashed(src, target, have, h, stop)
+            else:
+                url = self.url_of(rel)
+                try:
+                    resp = self.open_url(url, have)
+                except Exception as exc:
+                    raise PlaceError("could not download %s: %s" % (url, exc))
+                if have and getattr(resp, "status", getattr(resp, "code", 200)) != 206:
+                    # The server ignored the Range: start this file over.
+                    h.close()
+                    h = Hasher()
+                    have = 0
+                length = resp.headers.get("Content-Length")
+                with open(target, "ab" if have else "wb", buffering=0) as fout:
+                    try:
+                        n = pump(resp.read, fout, h, stop)
+                        # http.client ends a body that stops short of its Content-Length as if it were
+                        # complete: a connection that broke off must be told from the end of the file.
+                        if length is not None and length.isdigit() and n != int(length):
+                            raise http.client.IncompleteRead(b"", int(length) - n)
+                    except http.client.HTTPException as exc:
+                        raise PlaceError("the download of %s broke off after %d bytes (%s); the partial copy in "
+                                         "%s is kept and the next run resumes it" % (
+                                             url, os.fstat(fout.fileno()).st_size, type(exc).__name__,
+                                             self.staging))
+                    os.fsync(fout.fileno())
+            os.chmod(target, self.mode)
+            return h.hexdigest(), n, have, 0
+        finally:
+            h.close()
 
     def remove_staging(self):
         shutil.rmtree(self.staging, ignore_errors=True)
@@ -464,15 +555,28 @@ class Placer(object):
                 raise PlaceError("missing from the source folder: " + ", ".join(missing))
         computed = {}
         bad = []
-        for rel in names:
-            sha = self.copy_one(rel, files, sizes.get(rel), manifest is not None)
-            computed[rel] = sha
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def place_one(rel):
+            sha, copied, resumed, hashed = self.copy_one(rel, files, sizes.get(rel), manifest is not None, stop)
             size = os.path.getsize(os.path.join(self.staging, rel))
-            files[rel] = {"size": size, "sha256": sha}
-            write_file_durable(progress_path, json.dumps({"source": identity, "files": files}))
-            if manifest is not None and manifest[rel] != sha:
-                bad.append(rel)
-                break
+            with lock:
+                computed[rel] = sha
+                self.result["bytes_copied"] += copied
+                self.result["bytes_resumed"] += resumed
+                self.result["bytes_hashed"] += hashed
+                if manifest is not None and manifest[rel] != sha:
+                    bad.append(rel)
+                    stop.set()  # the item fails: the other files need not be finished
+                    return
+                files[rel] = {"size": size, "sha256": sha}
+                write_file_durable(progress_path, json.dumps({"source": identity, "files": files}))
+
+        root = self.source if self.source_type == "path" else self.staging
+        order = self.largest_first(root, names) if self.source_type != "url" else names
+        for_each_file(order, place_one, worker_count(self.workers, len(names)), stop)
+        bad.sort()
         if bad:
             self.remove_staging()
             label = self.m.params["source_label"] or self.source or self.staging
@@ -519,6 +623,7 @@ def main():
             timeout=dict(type="int", default=60),
             validate_certs=dict(type="bool", default=True),
             mode=dict(type="str", default="0644"),
+            workers=dict(type="int", default=0),
         ),
         required_if=[("source_type", "path", ["source"]), ("source_type", "url", ["source"])],
         supports_check_mode=True,
