@@ -173,3 +173,143 @@ def test_cancel_frees_the_slot(engine):
     while engine.num_running and time.time() < deadline:
         time.sleep(0.01)
     assert engine.num_running == 0
+
+
+# ---- the static decode path (StaticCache + CUDA graph on CUDA; here the same step without the graph) ----
+
+
+@pytest.fixture(scope="module")
+def engine_pair(tiny_model):
+    """One model, two engines: the eager batched path only, and the static path forced on."""
+    from cla2.engine import load_model
+
+    net, tok, dev = load_model(tiny_model)
+    eager = Engine(net, tok, dev, max_batch_size=4, decode_graphs=False)
+    static = Engine(net, tok, dev, max_batch_size=4, decode_graphs=True)
+    yield eager, static
+    eager.close()
+    static.close()
+
+
+STATIC_PROMPTS = ["你好", "龘龘龘 hello world", "[INST] 写一首诗 [/INST]", "很长" * 40]
+
+
+def test_static_path_is_off_on_cpu_by_default(engine):
+    assert engine.decode_graphs is False
+
+
+def test_static_decode_matches_eager(engine_pair):
+    eager, static = engine_pair
+    before = static.static_steps
+    for params in (SamplingParams(temperature=0, max_new_tokens=40),
+                   SamplingParams(max_new_tokens=40, seed=5)):
+        want = [eager.generate([p], params)[0] for p in STATIC_PROMPTS]
+        got = [static.generate([p], params)[0] for p in STATIC_PROMPTS]
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+        assert [r.text for r in got] == [r.text for r in want]
+        assert all(r.finish_reason == "length" and r.completion_tokens == 40 for r in got)
+    # every token after each first one came from the static path, which never fell back
+    assert static.static_steps - before == 2 * len(STATIC_PROMPTS) * 39
+    assert static.decode_graphs is True and eager.static_steps == 0
+    # a prompt that fills the window: the static cache is capped at the window, the output stops at it
+    near = eager.tokenizer("字" * 10).input_ids
+    near = near + [near[-1]] * (eager.window - 3 - len(near))
+    params = SamplingParams(max_new_tokens=50, temperature=0)
+    a, b = eager.generate([near], params)[0], static.generate([near], params)[0]
+    assert b.token_ids == a.token_ids and b.finish_reason == "length"
+    assert b.prompt_tokens + b.completion_tokens == static.window
+
+
+def test_static_decode_stops_at_eos(engine_pair):
+    eager, static = engine_pair
+    params = SamplingParams(temperature=0, max_new_tokens=30)
+    base = eager.generate(["从前"], params)[0].token_ids
+    cut = next(i for i in range(3, len(base)) if base[i] not in base[:i])  # its first occurrence
+    saved = eager.eos_ids, static.eos_ids
+    eager.eos_ids = static.eos_ids = {base[cut]}
+    try:
+        a, b = eager.generate(["从前"], params)[0], static.generate(["从前"], params)[0]
+    finally:
+        eager.eos_ids, static.eos_ids = saved
+    assert a.finish_reason == b.finish_reason == "stop"
+    assert b.token_ids == a.token_ids == base[:cut]
+
+
+def test_static_decode_hands_over_to_the_batch_and_back(engine_pair):
+    """A request decoding alone on the static path; a second joins (back to the batched cache, the first
+    left-padded to the newcomer's longer prompt), leaves, and the first goes back to the static path."""
+    eager, static = engine_pair
+    long_p, short_p = SamplingParams(temperature=0, max_new_tokens=150), SamplingParams(temperature=0,
+                                                                                         max_new_tokens=10)
+    want_long = eager.generate(["从前"], long_p)[0]
+    want_short = eager.generate(["很长" * 20], short_p)[0]
+    static.max_running, entries = 0, static.static_entries
+    done = threading.Event()
+    results = {}
+
+    def sink(ev):
+        if ev.result is not None:
+            results["long"] = ev.result
+            done.set()
+
+    req = static.submit("从前", long_p, sink)
+    deadline = time.time() + 10
+    while len(req.output_ids) < 5 and time.time() < deadline:
+        time.sleep(0.002)
+    assert static._static is not None  # decoding alone, on the static path
+    short = static.generate(["很长" * 20], short_p)[0]
+    assert done.wait(30)
+    assert static.max_running == 2
+    assert static.static_entries - entries >= 2  # entered alone, and again once the short one left
+    assert short.token_ids == want_short.token_ids
+    assert results["long"].token_ids == want_long.token_ids and results["long"].completion_tokens == 150
+
+
+def test_static_decode_falls_back_to_eager(engine_pair, monkeypatch):
+    eager, static = engine_pair
+    from cla2 import engine as engine_mod
+
+    params = SamplingParams(temperature=0, max_new_tokens=30)
+    want = eager.generate(["你好"], params)[0].token_ids
+    # no usable StaticCache (an old transformers): the first step already goes eager
+    e = Engine(static.model, static.tokenizer, static.device, decode_graphs=True)
+    try:
+        monkeypatch.setattr(engine_mod, "new_static_cache", lambda *a, **k: 1 / 0)
+        with pytest.warns(RuntimeWarning, match="static-cache decode step failed"):
+            assert e.generate(["你好"], params)[0].token_ids == want
+        assert e.decode_graphs is False and e.static_steps == 0
+    finally:
+        e.close()
+    monkeypatch.undo()
+    # a step that fails mid-decode (a compile error): the static cache goes back to the batch, no token lost
+    e = Engine(static.model, static.tokenizer, static.device, decode_graphs=True)
+    real, calls = e._static_logits, []
+
+    def flaky(req):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("compile failed")
+        return real(req)
+
+    e._static_logits = flaky
+    try:
+        with pytest.warns(RuntimeWarning, match="compile failed"):
+            assert e.generate(["你好"], params)[0].token_ids == want
+        assert e.decode_graphs is False and e.static_steps == 4
+    finally:
+        e.close()
+
+
+def test_static_step_traces_as_one_graph(engine_pair):
+    """The step that CUDA runs through torch.compile traces with no graph break on this transformers
+    (dynamo's eager backend: the tracing without inductor's code generation, which is slow on a CPU)."""
+    eager, static = engine_pair
+    e = Engine(static.model, static.tokenizer, static.device, decode_graphs=True)
+    e._compile_options = {"backend": "eager", "fullgraph": True, "dynamic": False}
+    params = SamplingParams(temperature=0, max_new_tokens=20)
+    try:
+        for p in STATIC_PROMPTS[:2]:
+            assert e.generate([p], params)[0].token_ids == eager.generate([p], params)[0].token_ids
+        assert e.decode_graphs is True and e.static_steps == 2 * 19
+    finally:
+        e.close()

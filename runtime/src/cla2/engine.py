@@ -6,6 +6,13 @@ running batch, and from then on it decodes one token per step together with ever
 request. A request that finishes, or whose consumer goes away (``Request.cancel()``), leaves the batch
 at the next step and frees its slot for a waiting one.
 
+A request decoding alone (the batch-1 case: `cla2 chat`, a quiet server) goes through a second path
+when ``decode_graphs`` is on (the default on CUDA): its cache is copied into a preallocated static KV
+cache (transformers' StaticCache) and each step runs one ``torch.compile(mode="reduce-overhead")``
+forward, i.e. a replayed CUDA graph instead of some thirty kernel launches a layer that each wait on the
+CPU. When a second request joins, the static cache is cut back to its used length and the batch goes on
+as above; when the batch shrinks to one request again, it goes back to the static path.
+
 Why not ``model.generate``: it runs one fixed batch from start to end, so a request arriving while
 another decodes waits for it to finish, and its sampling parameters are per batch, not per request.
 Why not a paged-attention server (vLLM): it does not run on MLU or CPU. The model forward, the cache
@@ -17,10 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import queue
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,8 +274,6 @@ def load_model(model: Path, adapter: Path | None = None, device: str | None = No
 def cache_kwarg(module) -> str:
     """transformers 5.x renamed the forward's `past_key_values` to `cache`; older ones (MLU images) have
     only the first."""
-    import inspect
-
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
@@ -282,15 +289,90 @@ def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(t.shape[0], t.shape[1], n, t.shape[3]), t], dim=2)
 
 
+# The static cache is sized to what the lone request may still need, rounded up to a power of two: a few
+# sizes (one compiled graph each) serve every request, and attention reads little beyond the used part
+# (it reads the whole static cache, masked, at every step).
+STATIC_MIN_LEN = 256
+
+
+def static_len(needed: int, window: int) -> int:
+    n = STATIC_MIN_LEN
+    while n < needed:
+        n *= 2
+    return min(n, window)
+
+
+def static_cache_class():
+    """transformers' StaticCache, or None where this transformers has none."""
+    try:
+        from transformers import StaticCache
+    except ImportError:
+        return None
+    return StaticCache
+
+
+def new_static_cache(config, length: int, device: torch.device, dtype: torch.dtype):
+    """An empty StaticCache for one sequence of up to ``length`` tokens. transformers 4.56+ takes
+    (config, max_cache_len) and allocates on the first update; older ones allocate at once and want the
+    batch size (``batch_size`` in 4.42-4.55, ``max_batch_size`` before), the device and the dtype."""
+    cls = static_cache_class()
+    params = inspect.signature(cls.__init__).parameters
+    kwargs: dict = {"config": config, "max_cache_len": length}
+    if "batch_size" in params:
+        kwargs["batch_size"] = 1
+    elif "max_batch_size" in params:
+        kwargs["max_batch_size"] = 1
+    if "device" in params:
+        kwargs["device"] = device
+    if "dtype" in params:
+        kwargs["dtype"] = dtype
+    return cls(**kwargs)
+
+
+def static_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) per layer of a StaticCache, each [batch, heads, max_cache_len, head_dim]."""
+    if hasattr(cache, "layers"):  # transformers 4.56+
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))
+
+
+def _cudagraph_thread_state() -> None:
+    """Let this (the engine's) thread use CUDA graph trees. torch before 2.13 keeps their state in
+    thread-local storage set up only on the importing thread and autograd's threads, and fails with a
+    bare AssertionError in ``cudagraph_trees.get_obj`` anywhere else (pytorch#123177, fixed there by
+    initializing it lazily, which is what this does for older versions)."""
+    try:
+        from torch._inductor import cudagraph_trees as trees
+    except Exception:  # noqa: BLE001 - no inductor: torch.compile fails later and the engine falls back
+        return
+    local = getattr(trees, "local", None)
+    if local is None or hasattr(local, "tree_manager_containers"):
+        return
+    if torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    init = getattr(trees, "_initialize_tls", None)
+    if init is not None:
+        init(local)
+    else:
+        local.tree_manager_containers = {}
+        local.tree_manager_locks = collections.defaultdict(threading.Lock)
+
+
 class Engine:
     """Continuous-batching text generation over one model.
 
     ``submit`` is thread-safe; ``stream``/``astream`` yield text deltas; ``generate`` runs many prompts
     batched and returns their results in order.
+
+    ``decode_graphs``: decode a request that runs alone through a static KV cache and, on CUDA, a CUDA
+    graph (``torch.compile(mode="reduce-overhead")``; the first steps at each cache size compile and
+    capture, which takes a while). None: on for CUDA only. On CPU and MLU it runs the same static-cache
+    step without a graph (no faster; it is what the CPU tests check). If the step fails (a transformers
+    without a usable StaticCache, a compile error), the engine warns once and decodes eagerly.
     """
 
     def __init__(self, model, tokenizer, device: torch.device | None = None, max_batch_size: int = 8,
-                 name: str = "model", truncate: bool = False):
+                 name: str = "model", truncate: bool = False, decode_graphs: bool | None = None):
         from transformers import DynamicCache
 
         self._DynamicCache = DynamicCache
@@ -314,16 +396,36 @@ class Engine:
         self._closed = False
         self.steps = 0  # decode steps run (tests read it to see batching happen)
         self.max_running = 0  # the largest batch seen
+        self.decode_graphs = self._static_wanted(decode_graphs)
+        # torch.compile options of the static step: CUDA graphs on CUDA; elsewhere the step runs eagerly.
+        self._compile_options: dict | None = (
+            {"mode": "reduce-overhead", "dynamic": False} if self.device.type == "cuda" else None)
+        self._static = None  # the StaticCache the lone running request decodes in, while it does
+        self._static_caches: dict[int, object] = {}  # by length, reused: a graph replays on fixed addresses
+        self._static_forward = None
+        self._cache_position = "cache_position" in inspect.signature(model.forward).parameters  # < 5.0
+        self._dtype = next(model.parameters()).dtype
+        self.static_steps = 0  # decode steps run on the static path
+        self.static_entries = 0  # times a lone request moved onto it
         self._thread = threading.Thread(target=self._loop, name="cla2-engine", daemon=True)
         self._thread.start()
 
     @classmethod
     def from_pretrained(cls, model: Path, adapter: Path | None = None, device: str | None = None,
                         dtype: str | None = None, max_batch_size: int = 8, name: str | None = None,
-                        truncate: bool = False) -> Engine:
+                        truncate: bool = False, decode_graphs: bool | None = None) -> Engine:
         net, tokenizer, torch_device = load_model(model, adapter, device, dtype)
         return cls(net, tokenizer, torch_device, max_batch_size=max_batch_size,
-                   name=name or Path(model).resolve().name, truncate=truncate)
+                   name=name or Path(model).resolve().name, truncate=truncate, decode_graphs=decode_graphs)
+
+    def _static_wanted(self, wanted: bool | None) -> bool:
+        on = self.device.type == "cuda" if wanted is None else bool(wanted)
+        if on and static_cache_class() is None:
+            if wanted:
+                warnings.warn("decode_graphs: this transformers has no StaticCache; decoding eagerly",
+                              RuntimeWarning, stacklevel=3)
+            return False
+        return on
 
     # ---- requests -------------------------------------------------------------------------------------
 
@@ -453,7 +555,7 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - a failed step must not kill the server
                 for r in self._active:
                     r.finish("error", error=f"{type(exc).__name__}: {exc}")
-                self._active, self._cache, self._mask = [], None, None
+                self._active, self._cache, self._mask, self._static = [], None, None, None
 
     def _sample(self, req: Request, logits: torch.Tensor) -> int:
         p = req.params
@@ -472,6 +574,9 @@ class Engine:
         if p.top_p < 1.0:
             before = torch.cumsum(probs, dim=-1) - probs
             probs = probs.masked_fill(before >= p.top_p, 0.0)
+        # One wait on the device per token (the host needs the token to stream it): the candidates' ids
+        # are queued for copying first, the blocking copy of their probabilities then covers both.
+        indices = indices.to("cpu", non_blocking=True)
         choice = torch.multinomial(probs.cpu(), 1, generator=req.generator)
         return int(indices[int(choice)])
 
@@ -506,6 +611,8 @@ class Engine:
             self._cache, self._mask, self._active = cache, new_mask, [req]
             self.max_running = max(self.max_running, 1)
             return
+        if self._static is not None:
+            self._leave_static()
         old_len = self._mask.shape[1]
         total = max(old_len, new_len)
         layers = []
@@ -518,17 +625,83 @@ class Engine:
         self._active.append(req)
         self.max_running = max(self.max_running, len(self._active))
 
-    @torch.inference_mode()
-    def _step(self) -> None:
-        active = self._active
+    # ---- the static path: one request alone ------------------------------------------------------------
+
+    def _enter_static(self, req: Request) -> None:
+        """Copy the lone request's cache into a static cache of the length it may still need."""
+        length = static_len(len(req.prompt_ids) + req.max_new_tokens, self.window)
+        cache = self._static_caches.get(length)
+        if cache is None:
+            cache = new_static_cache(self.model.config, length, self.device, self._dtype)
+        else:
+            cache.reset()
+        n = req.position  # tokens in the cache; any columns before them are padding
+        positions = torch.arange(n, device=self.device)
+        for i, (k, v, *_) in enumerate(self._cache):
+            cache.update(k[:, :, k.shape[2] - n:], v[:, :, v.shape[2] - n:], i, {"cache_position": positions})
+        self._static_caches[length] = cache
+        self._static, self._cache, self._mask = cache, None, None
+        self.static_entries += 1
+
+    def _leave_static(self) -> None:
+        """Back to the batched path: the static cache cut to the lone request's used length."""
+        n = self._active[0].position
+        self._cache = self._DynamicCache([(k[:, :, :n].clone(), v[:, :, :n].clone())
+                                          for k, v in static_layers(self._static)])
+        self._mask = torch.ones(1, n, dtype=torch.long, device=self.device)
+        self._static = None
+
+    def _static_logits(self, req: Request) -> torch.Tensor:
+        if self._static_forward is None:
+            if self._compile_options is not None:
+                _cudagraph_thread_state()
+                self._static_forward = torch.compile(self.model, **self._compile_options)
+            else:
+                self._static_forward = self.model
+        position = torch.tensor([[req.position]], device=self.device)
+        extra = {"cache_position": position[0]} if self._cache_position else {}
+        if self._compile_options is not None and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are dead: replay over them
+        out = self._static_forward(input_ids=torch.tensor([[req.next_token]], device=self.device),
+                                   position_ids=position, use_cache=True, **{self._cache_kw: self._static},
+                                   **extra)
+        self.static_steps += 1
+        return out.logits[:, -1]
+
+    def _try_static(self, fn: Callable[[Request], torch.Tensor | None], req: Request) -> torch.Tensor | None:
+        # Outside inference mode, as transformers' own generate runs static caches and compiled steps
+        # (under no_grad): CUDA graph capture refuses in-place updates of inference tensors.
+        with torch.inference_mode(False), torch.no_grad():
+            try:
+                return fn(req)
+            except Exception as exc:  # noqa: BLE001 - fall back to the eager path, which works everywhere
+                warnings.warn(f"decode_graphs: the static-cache decode step failed ({type(exc).__name__}: "
+                              f"{exc}); decoding eagerly from now on", RuntimeWarning, stacklevel=2)
+                self.decode_graphs = False
+                if self._static is not None:
+                    self._leave_static()
+                return None
+
+    # ---- a decode step ----------------------------------------------------------------------------------
+
+    def _dynamic_logits(self, active: list[Request]) -> torch.Tensor:
         input_ids = torch.tensor([[r.next_token] for r in active], device=self.device)
         positions = torch.tensor([[r.position] for r in active], device=self.device)
         mask = torch.cat([self._mask, self._mask.new_ones(len(active), 1)], dim=1)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          **{self._cache_kw: self._cache})
         self._cache, self._mask = output_cache(out), mask
+        return out.logits[:, -1]
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        active = self._active
+        if self.decode_graphs and len(active) == 1 and self._static is None:
+            self._try_static(self._enter_static, active[0])
+        logits = self._try_static(self._static_logits, active[0]) if self._static is not None else None
+        if logits is None:
+            logits = self._dynamic_logits(active)
         self.steps += 1
-        logits = out.logits[:, -1]
         keep = []
         for i, r in enumerate(active):
             if not r.cancelled:
@@ -543,7 +716,7 @@ class Engine:
             return
         self._active = [active[i] for i in keep]
         if not keep:
-            self._cache, self._mask = None, None
+            self._cache, self._mask, self._static = None, None, None
             return
         index = torch.tensor(keep, device=self.device)
         self._mask = self._mask[index]
