@@ -36,6 +36,7 @@ def main(
     repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     seed: int | None = None,
+    decode_graphs: bool | None = None,
 ) -> None:
     """Chat with the model in the terminal (/clear forgets the history, /exit quits).
 
@@ -51,8 +52,11 @@ def main(
         repetition_penalty: Penalty for tokens already seen (1: none).
         max_new_tokens: Most tokens per answer.
         seed: Random seed (answer i uses seed + i).
+        decode_graphs: Decode a request that runs alone through a static KV cache and a CUDA graph (torch.compile;
+            default: on for CUDA only; the first request of each cache size waits while it compiles).
     """
-    engine = Engine.from_pretrained(model, adapter=adapter, device=device, dtype=dtype, max_batch_size=1)
+    engine = Engine.from_pretrained(model, adapter=adapter, device=device, dtype=dtype, max_batch_size=1,
+                                    decode_graphs=decode_graphs)
     interactive = sys.stdin.isatty()
     out = sys.stdout
     history: list[dict] = []

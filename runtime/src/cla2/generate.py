@@ -78,6 +78,7 @@ def main(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     seed: int | None = None,
     truncate: bool = False,
+    decode_graphs: bool | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Generate an answer for every prompt of a JSONL file, batched.
@@ -102,6 +103,8 @@ def main(
         max_new_tokens: Most tokens generated per prompt.
         seed: Random seed; line i uses seed + i, so a rerun gives the same outputs.
         truncate: Cut over-long prompts from the left instead of failing.
+        decode_graphs: Decode a request that runs alone through a static KV cache and a CUDA graph (torch.compile;
+            default: on for CUDA only; the first request of each cache size waits while it compiles).
         overwrite: Replace an existing output file.
     """
     output = Path(output)
@@ -109,7 +112,8 @@ def main(
         raise FileExistsError(f"output file {output} exists: choose another --output or pass --overwrite")
     records, prompts = read_prompts(input, with_prompt, system_prompt)
     engine = Engine.from_pretrained(model, adapter=adapter, device=device, dtype=dtype,
-                                    max_batch_size=batch_size, truncate=truncate)
+                                    max_batch_size=batch_size, truncate=truncate,
+                                    decode_graphs=decode_graphs)
     try:
         params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                                  repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,

@@ -387,6 +387,7 @@ def main(
     max_batch_size: int = 8,
     model_name: str | None = None,
     truncate: bool = False,
+    decode_graphs: bool | None = None,
     web: bool = True,
     log_level: str = "info",
 ) -> None:
@@ -406,6 +407,8 @@ def main(
         max_batch_size: Requests decoded together in one batch.
         model_name: Name in /v1/models and the responses (default: the model folder's name).
         truncate: Cut over-long prompts from the left instead of refusing them.
+        decode_graphs: Decode a request that runs alone through a static KV cache and a CUDA graph (torch.compile;
+            default: on for CUDA only; the first request of each cache size waits while it compiles).
         web: Mount the web chat at /chat (never shared publicly).
         log_level: uvicorn's log level.
     """
@@ -421,7 +424,8 @@ def main(
 
     def loader() -> Engine:
         return Engine.from_pretrained(model, adapter=adapter, device=device, dtype=dtype,
-                                      max_batch_size=max_batch_size, name=name, truncate=truncate)
+                                      max_batch_size=max_batch_size, name=name, truncate=truncate,
+                                      decode_graphs=decode_graphs)
 
     app = create_app(model_name=name, api_key=api_key, web=web, loader=loader)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
