@@ -6,11 +6,18 @@ write), i.e. the tokens/s if every decode step did nothing but read every weight
 
 - the copy bandwidth and the bound;
 - decode tokens/s of the engine (the code `cla2 serve` runs: continuous-batching loop, sampling,
-  incremental detokenization), greedy and with the seed's sampling defaults;
-- decode tokens/s of a bare loop over the same forward (transformers' LlamaForCausalLM + DynamicCache,
-  argmax), which shows how much of the gap is the engine and how much is the eager forward itself.
+  incremental detokenization), greedy and with the seed's sampling defaults, on its two paths: eager
+  (`decode_graphs=False`: the batched DynamicCache path, one kernel launch per op) and the default on
+  CUDA (`decode_graphs=True`: the lone request in a StaticCache, each step a CUDA graph replayed by
+  `torch.compile(mode="reduce-overhead")`), timed after a warm-up run that compiles and captures it;
+- decode tokens/s of a bare loop over the same eager forward (transformers' LlamaForCausalLM +
+  DynamicCache, argmax), which shows how much of the eager gap is the engine and how much the forward;
+- checks of the graph path: it ran every step (no fallback), how many CUDA graph skips and graph
+  breaks torch reported, and how far its greedy tokens agree with the eager engine's.
 
-Needs CUDA (`--smoke` runs a small model, on the CPU when there is no GPU). Under 4 minutes on an H100:
+Needs CUDA (`--smoke` runs a small model, on the CPU when there is no GPU: there the static path runs
+uncompiled, so the smoke run checks its plumbing, not its speed). Expected under 4 minutes on an H200,
+compile included (the eager runs take the most):
 
     python bench/gpu_decode.py                 # 7B shape, bf16, 256 new tokens
     python bench/gpu_decode.py --smoke
@@ -84,6 +91,26 @@ def bare_decode(model, prompt_ids, new_tokens: int, device) -> float:
         return (new_tokens - 1) / (time.perf_counter() - t0)
 
 
+def engine_rates(engine, prompt, new_tokens: int, warmup_tokens: int) -> tuple[dict[str, float], list[int], float]:
+    """Decode tokens/s (first token excluded: it is the prefill), greedy and with the seed's sampling
+    defaults, after a warm-up run; also the greedy token ids and the warm-up's seconds."""
+    from cla2.engine import SamplingParams
+
+    t0 = time.perf_counter()
+    engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=warmup_tokens))
+    warmup = time.perf_counter() - t0
+    rates, greedy = {}, []
+    for label, params in (("greedy", SamplingParams(temperature=0, max_new_tokens=new_tokens,
+                                                    repetition_penalty=1.0)),
+                          ("seed sampling defaults", SamplingParams(max_new_tokens=new_tokens, seed=0))):
+        r = engine.generate([prompt], params)[0]
+        if r.error:
+            raise RuntimeError(f"the engine failed: {r.error}")
+        rates[label] = (r.completion_tokens - 1) / (r.elapsed - r.time_to_first_token)
+        greedy = greedy or r.token_ids
+    return rates, greedy, warmup
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="small model, few tokens (CPU if no GPU)")
@@ -95,15 +122,18 @@ def main() -> int:
     ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--eager-new-tokens", type=int, default=128,
+                    help="new tokens of the eager runs (slow, and steady after the first few)")
     ap.add_argument("--tokenizer", type=Path, help="a real tokenizer folder (default: a stub)")
     args = ap.parse_args()
 
     import torch
-    from cla2.engine import Engine, SamplingParams
+    from cla2.engine import Engine
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if args.smoke:
-        args.layers, args.hidden_size, args.intermediate_size, args.heads, args.new_tokens = 2, 256, 688, 4, 32
+        args.layers, args.hidden_size, args.intermediate_size, args.heads = 2, 256, 688, 4
+        args.new_tokens = args.eager_new_tokens = 32
     if torch.cuda.is_available():
         device = torch.device("cuda")
     elif args.smoke:
@@ -134,30 +164,60 @@ def main() -> int:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     else:
         tokenizer = StubTokenizer()
-    engine = Engine(model, tokenizer, device, max_batch_size=1, name="7b-shaped")
-    engine.eos_ids = set()  # random weights: always decode the full length
     prompt = list(range(100, 100 + args.prompt_tokens))
+    results: dict[str, float] = {}
+    if device.type == "cuda" and not args.smoke:
+        torch._logging.set_logs(graph_breaks=True, recompiles=True)  # printed as they happen
+    static = "graphs" if device.type == "cuda" else "static cache, no graph"
+    for path, graphs in (("eager", False), (static, True)):
+        engine = Engine(model, tokenizer, device, max_batch_size=1, name="7b-shaped", decode_graphs=graphs)
+        engine.eos_ids = set()  # random weights: always decode the full length
+        try:
+            new = args.new_tokens if graphs else args.eager_new_tokens
+            # the graph path's warm-up has the timed runs' length, so it compiles and captures the graph
+            # of the same static cache size; the eager one only lets the card raise its clocks
+            rates, ids, warmup = engine_rates(engine, prompt, new, new if graphs else 32)
+            results.update({f"engine, {path}, {k}": v for k, v in rates.items()})
+            if graphs:
+                graph_ids, graph_warmup = ids, warmup
+                graph_ok = engine.decode_graphs and engine.static_steps >= 3 * (new - 1)
+            else:
+                eager_ids = ids
+        finally:
+            engine.close()
+    bare = bare_decode(model, prompt, args.eager_new_tokens, device)
+    results["bare eager forward loop, greedy"] = bare
     try:
-        engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=8))  # warm up
-        rates = {}
-        for label, params in (("greedy", SamplingParams(temperature=0, max_new_tokens=args.new_tokens,
-                                                        repetition_penalty=1.0)),
-                              ("seed sampling defaults", SamplingParams(max_new_tokens=args.new_tokens, seed=0))):
-            r = engine.generate([prompt], params)[0]
-            rates[label] = (r.completion_tokens - 1) / (r.elapsed - r.time_to_first_token)
-    finally:
-        engine.close()
-    bare = bare_decode(model, prompt, args.new_tokens, device)
+        from torch._dynamo.utils import counters
+
+        skips, breaks = counters["inductor"]["cudagraph_skips"], sum(counters["graph_break"].values())
+    except Exception:  # noqa: BLE001 - an older torch without these counters
+        skips = breaks = -1
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"device: {name}; model: {args.layers} layers, hidden {args.hidden_size}, vocab {args.vocab_size}, "
+    print(f"device: {name}; torch {torch.__version__}, transformers {transformers_version()}; model: "
+          f"{args.layers} layers, hidden {args.hidden_size}, vocab {args.vocab_size}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, {str(dtype).split('.')[-1]}, "
           f"{weight_bytes / 1e9:.2f} GB")
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s -> bound {bound:.1f} tokens/s ({1000 / bound:.2f} ms/token)")
-    for label, rate in rates.items():
-        print(f"engine, {label:22s}: {rate:7.1f} tokens/s = {100 * rate / bound:5.1f}% of the bound")
-    print(f"bare forward loop, greedy      : {bare:7.1f} tokens/s = {100 * bare / bound:5.1f}% of the bound")
-    print(f"(prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, total {time.perf_counter() - t0:.0f}s)")
-    return 0
+    for label, rate in results.items():
+        print(f"{label:47s}: {rate:8.1f} tokens/s = {100 * rate / bound:5.1f}% of the bound")
+    same = next((i for i, (a, b) in enumerate(zip(eager_ids, graph_ids)) if a != b), min(len(eager_ids),
+                                                                                       len(graph_ids)))
+    compiled = "CUDA graphs" if device.type == "cuda" else "uncompiled on the CPU"
+    print(f"graph path ({compiled}): {'ran every step' if graph_ok else 'FELL BACK to eager (see the warning)'}; "
+          f"warm-up incl. compile and capture {graph_warmup:.0f}s; cudagraph skips {skips}, graph breaks {breaks}; "
+          f"greedy tokens equal to the eager engine's for the first {same} of {len(eager_ids)}")
+    print(f"(prompt {args.prompt_tokens} tokens; {args.new_tokens} new tokens on the graph path, "
+          f"{args.eager_new_tokens} on the eager ones; total {time.perf_counter() - t0:.0f}s)")
+    if skips > 0:
+        print("cudagraphs were skipped: rerun with TORCH_LOGS=cudagraphs to see why", file=sys.stderr)
+    return 0 if graph_ok else 1
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 if __name__ == "__main__":
