@@ -200,7 +200,7 @@ def main() -> int:
           f"{weight_bytes / 1e9:.2f} GB")
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s -> bound {bound:.1f} tokens/s ({1000 / bound:.2f} ms/token)")
     for label, rate in results.items():
-        print(f"{label:47s}: {rate:8.1f} tokens/s = {100 * rate / bound:5.1f}% of the bound")
+        print(f"{label:54s}: {rate:8.1f} tokens/s = {100 * rate / bound:5.1f}% of the bound")
     same = next((i for i, (a, b) in enumerate(zip(eager_ids, graph_ids)) if a != b), min(len(eager_ids),
                                                                                        len(graph_ids)))
     compiled = "CUDA graphs" if device.type == "cuda" else "uncompiled on the CPU"
