@@ -313,3 +313,36 @@ def test_static_step_traces_as_one_graph(engine_pair):
         assert e.decode_graphs is True and e.static_steps == 2 * 19
     finally:
         e.close()
+
+
+def test_cudagraph_trees_usable_from_the_engine_thread(monkeypatch):
+    """torch before 2.13 finds the CUDA graph trees' state only on the importing thread (pytorch#123177);
+    with that lookup standing in, the engine thread's set-up makes it found there too."""
+    import torch
+    from torch._inductor import cudagraph_trees as trees
+
+    from cla2.engine import _cudagraph_thread_state
+
+    def old_get_obj(local, attr_name):  # torch 2.1-2.12
+        if hasattr(local, attr_name):
+            return getattr(local, attr_name)
+        assert torch._C._is_key_in_tls(attr_name)
+        return torch._C._get_obj_in_tls(attr_name)
+
+    monkeypatch.setattr(trees, "get_obj", old_get_obj)
+    monkeypatch.delattr(trees, "_initialize_tls", raising=False)
+    got: list = []
+
+    def run(setup: bool) -> None:
+        if setup:
+            _cudagraph_thread_state()
+        try:
+            got.append(type(trees.get_obj(trees.local, "tree_manager_containers")))
+        except AssertionError:
+            got.append(AssertionError)
+
+    for setup in (False, True):
+        t = threading.Thread(target=run, args=(setup,))
+        t.start()
+        t.join()
+    assert got == [AssertionError, dict]
