@@ -3,9 +3,10 @@
 # Why a module of our own instead of copy/synchronize + stat(checksum): weights are tens of GB and
 # the kit must read them once. This module copies (from a folder on the host, e.g. a shared mount,
 # or from a URL) and hashes in the same pass, with the hashing on a second thread so it overlaps the
-# I/O and several files in flight at once so that every core hashes; it resumes a partial file (re-hashing only the prefix already there, HTTP Range for URLs); it
-# stages next to the final folder and renames, so a half-copied model never appears under its final
-# name; and it keeps a stamp of sizes and mtimes so a second run reads no weight at all.
+# I/O and several files in flight at once so that every core hashes; it resumes a partial file
+# (re-hashing only the prefix already there, HTTP Range for URLs); it stages next to the final folder
+# and renames, so a half-copied model never appears under its final name; and it keeps a stamp of
+# sizes and mtimes so a second run reads no weight at all.
 from __future__ import annotations
 
 DOCUMENTATION = r"""
