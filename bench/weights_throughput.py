@@ -8,7 +8,9 @@ fsyncs each file, several files at once (one per core), then renames the folder 
 role's time is the placement module's own time (`seconds` in its result); the playbook's whole wall
 time, with Ansible's start-up, is printed beside it. The role is also run one file at a time
 (`model_weights_workers: 1`), to show what the parallel files bring. Rounds alternate the three, so
-the machine's load weighs on all alike. Target (issue 2): ratio role / (cp + fsync) >= 0.8.
+the machine's load weighs on all alike; the load average is printed, since sha256 wants a core per
+file in flight and other work on the cores slows the role where it hardly slows cp. Target (issue 2):
+ratio role / (cp + fsync) >= 0.8.
 
     bench/weights_throughput.py                 2 GB in 4 shards, 3 rounds, prints the ratio
     bench/weights_throughput.py --shards 2      as a 7B model is shipped (2 shards)
@@ -79,6 +81,7 @@ def main() -> int:
         src = work / "src" / "model"
         total = make_model(src, args.size_mb << 20, shards=args.shards)
         read_all(src)
+        load_before = os.getloadavg()[0]
         times: dict[str, list[float]] = {"cp": [], "cp_nosync": [], "role": [], "wall": [], "serial": []}
         for r in range(args.rounds):
             dst = work / f"cp-{r}"
@@ -96,7 +99,8 @@ def main() -> int:
         cp_tp, role_tp = total / cp_s, total / role_s
         ratio = role_tp / cp_tp
         print(f"weights_throughput: {human(total)} in {len(list(src.iterdir()))} files ({args.shards} shards),"
-              f" {args.rounds} round(s), medians")
+              f" {args.rounds} round(s), medians; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f}"
+              f" after, {len(os.sched_getaffinity(0))} cores")
         print(f"  cp -r + fsync       {cp_s:8.2f} s  {human(cp_tp)}/s   (cp -r alone, data left in the page cache:"
               f" {cp_ns:.2f} s, {human(total / cp_ns)}/s, ratio {cp_ns / role_s:.2f})")
         print(f"  model_weights role  {role_s:8.2f} s  {human(role_tp)}/s  (copy + sha256 + fsync + rename,"
