@@ -7,10 +7,11 @@ both read it from the page cache) to the same file system, and both end when the
 fsyncs each file, several files at once (one per core), then renames the folder into place. The
 role's time is the placement module's own time (`seconds` in its result); the playbook's whole wall
 time, with Ansible's start-up, is printed beside it. The role is also run one file at a time
-(`model_weights_workers: 1`), to show what the parallel files bring. Rounds alternate the three, so
-the machine's load weighs on all alike; the load average is printed, since sha256 wants a core per
-file in flight and other work on the cores slows the role where it hardly slows cp. Target (issue 2):
-ratio role / (cp + fsync) >= 0.8.
+(`model_weights_workers: 1`), to show what the parallel files bring. Each starts on a settled disk
+(`sync` and a second's pause after the last one's files are removed), and each goes first once in
+three rounds, so neither the disk's backlog nor the machine's load favours one. The load average is
+printed: sha256 wants a core per file in flight, so other work on the cores slows the role where it
+hardly slows cp. Target (issue 2): ratio role / (cp + fsync) >= 0.8.
 
     bench/weights_throughput.py                 2 GB in 4 shards, 3 rounds, prints the ratio
     bench/weights_throughput.py --shards 2      as a 7B model is shipped (2 shards)
@@ -42,6 +43,12 @@ def time_cp(src: Path, dst: Path) -> tuple[float, float]:
     files = [str(p) for p in dst.rglob("*") if p.is_file()]
     subprocess.run(["sync", *files], check=True)
     return copied, time.perf_counter() - start
+
+
+def settle() -> None:
+    """Let the disk finish what the last contender left (writeback, freed blocks) before the next starts."""
+    os.sync()
+    time.sleep(1)
 
 
 def worker_count() -> int:
@@ -83,14 +90,18 @@ def main() -> int:
         read_all(src)
         load_before = os.getloadavg()[0]
         times: dict[str, list[float]] = {"cp": [], "cp_nosync": [], "role": [], "wall": [], "serial": []}
+        contenders = ["cp", "role", "serial"]
         for r in range(args.rounds):
-            dst = work / f"cp-{r}"
-            nosync, synced = time_cp(src, dst)
-            times["cp_nosync"].append(nosync)
-            times["cp"].append(synced)
-            shutil.rmtree(dst)
-            for key, workers in (("role", 0), ("serial", 1)):
-                wall, seconds = place(work, src, work / f"data-{r}-{key}", total, workers)
+            for key in contenders[r % 3:] + contenders[:r % 3]:  # each goes first once in three rounds
+                settle()
+                if key == "cp":
+                    dst = work / f"cp-{r}"
+                    nosync, synced = time_cp(src, dst)
+                    times["cp_nosync"].append(nosync)
+                    times["cp"].append(synced)
+                    shutil.rmtree(dst)
+                    continue
+                wall, seconds = place(work, src, work / f"data-{r}-{key}", total, 0 if key == "role" else 1)
                 times[key].append(seconds)
                 if key == "role":
                     times["wall"].append(wall)
