@@ -51,9 +51,9 @@ def settle() -> None:
     time.sleep(1)
 
 
-def worker_count() -> int:
+def worker_count(files: int) -> int:
     """What the role's `model_weights_workers: 0` picks on this machine: one file per core, at most 8."""
-    return min(len(os.sched_getaffinity(0)), 8)
+    return min(len(os.sched_getaffinity(0)), 8, files)
 
 
 def place(work: Path, src: Path, data_root: Path, total: int, workers: int) -> tuple[float, float]:
@@ -115,7 +115,7 @@ def main() -> int:
         print(f"  cp -r + fsync       {cp_s:8.2f} s  {human(cp_tp)}/s   (cp -r alone, data left in the page cache:"
               f" {cp_ns:.2f} s, {human(total / cp_ns)}/s, ratio {cp_ns / role_s:.2f})")
         print(f"  model_weights role  {role_s:8.2f} s  {human(role_tp)}/s  (copy + sha256 + fsync + rename,"
-              f" {worker_count()} files at once; whole playbook {wall_s:.1f} s)")
+              f" {worker_count(len(list(src.iterdir())))} files at once; whole playbook {wall_s:.1f} s)")
         print(f"  one file at a time  {serial_s:8.2f} s  {human(total / serial_s)}/s  (model_weights_workers: 1;"
               f" ratio to cp {cp_s / serial_s:.2f})")
         print(f"  ratio role/cp       {ratio:8.2f}   target >= {TARGET}"
