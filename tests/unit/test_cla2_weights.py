@@ -1,7 +1,8 @@
 """The model_weights role's placement module (roles/model_weights/library/cla2_weights.py), run as
 Ansible runs it (a JSON file of arguments, a JSON answer), against real folders and a real HTTP server
-on 127.0.0.1: URL sources, resuming a broken download with HTTP Range (and starting over where the
-server ignores Range), parallel copies, and a bad checksum with several files in flight.
+on 127.0.0.1: URL sources, resuming a broken download or a killed run with HTTP Range (and starting
+over where the server ignores Range), parallel copies, a bad checksum with several files in flight,
+and a full verify.
 
 The molecule scenarios cover the role on sandbox hosts (controller and shared-mount sources); these
 cover what needs a web server or an interrupted transfer, in seconds.
@@ -14,9 +15,11 @@ import http.server
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -64,11 +67,13 @@ def placed_sums(folder: Path) -> dict[str, str]:
 class Server:
     """A static file server on 127.0.0.1 that honours `Range: bytes=N-` (when `ranges`), counts the
     bytes it sends and the ranges asked for, and can break the connection off after `cut` bytes of a
-    named file (once), as a dropped link would."""
+    named file (once), as a dropped link would, or stall after `stall` bytes until told to go on."""
 
     def __init__(self, root: Path, ranges: bool = True):
         self.root, self.ranges = root, ranges
         self.cut: dict[str, int] = {}
+        self.stall: dict[str, int] = {}  # file -> bytes sent before the server waits for `resume`
+        self.resume = threading.Event()
         self.sent = 0
         self.range_requests: list[tuple[str, int]] = []
         server = self
@@ -100,7 +105,17 @@ class Server:
                 if limit is not None:
                     body = body[:limit]
                     self.close_connection = True
-                self.wfile.write(body)
+                stall = server.stall.pop(rel, None)
+                if stall is not None:
+                    self.wfile.write(body[:stall])
+                    self.wfile.flush()
+                    server.sent += stall
+                    server.resume.wait(60)
+                    body = body[stall:]
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):  # the client was killed meanwhile
+                    return
                 server.sent += len(body)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -174,6 +189,48 @@ def test_broken_download_is_kept_and_resumed(tmp_path, ranges):
             assert server.sent - sent < SIZES[big] + SIZES["model-00002-of-00002.safetensors"] + 100_000
         else:
             assert res["bytes_resumed"] == 0  # the server ignored Range: the file started over
+
+
+def test_killed_mid_transfer_resumes_where_it_stopped(tmp_path):
+    """kill -9 of the module (a lost SSH session, an OOM kill) in the middle of a file: the next run keeps
+    the files already done and continues the broken one from its last whole chunk."""
+    src = tmp_path / "mirror" / "m"
+    sizes = {"config.json": 300, "big.safetensors": 12 * MB + 1, "small.safetensors": MB}
+    sums = make_source(src, sizes)
+    dest = tmp_path / "data" / "m"
+    args = {"dest": str(dest), "source_type": "url", "manifest": manifest_text(sums)}
+    partial = dest.parent / ".m.cla2-partial"
+    with Server(tmp_path / "mirror") as server:
+        args["source"] = server.url + "m"
+        server.stall["m/big.safetensors"] = 8 * MB + 4096  # the module writes whole 8 MB chunks
+        argfile = tmp_path / "args-kill.json"
+        argfile.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": args}))
+        proc = subprocess.Popen([sys.executable, str(MODULE), str(argfile)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                done = partial / ".cla2-progress.json"
+                big = partial / "big.safetensors"
+                if big.exists() and big.stat().st_size >= 8 * MB and done.exists() \
+                        and len(json.loads(done.read_text() or "{}").get("files", {})) == 2:
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("the module never got 8 MB into the big file")
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            server.resume.set()
+        assert not dest.exists()
+        sent = server.sent
+        res = run_module(tmp_path, **args)
+        assert not res.get("failed"), res
+        assert placed_sums(dest) == sums
+        assert res["bytes_resumed"] == 8 * MB
+        assert res["bytes_copied"] == sizes["big.safetensors"] - 8 * MB  # nothing else fetched again
+        assert server.sent - sent == res["bytes_copied"]
+        assert server.range_requests == [("m/big.safetensors", 8 * MB)]
 
 
 def test_parallel_and_serial_placement_agree(tmp_path):
