@@ -51,13 +51,8 @@ def settle() -> None:
     time.sleep(1)
 
 
-def worker_count(files: int) -> int:
-    """What the role's `model_weights_workers: 0` picks on this machine: one file per core, at most 8."""
-    return min(len(os.sched_getaffinity(0)), 8, files)
-
-
-def place(work: Path, src: Path, data_root: Path, total: int, workers: int) -> tuple[float, float]:
-    """Place src with the role; (playbook wall seconds, the module's own seconds)."""
+def place(work: Path, src: Path, data_root: Path, total: int, workers: int) -> tuple[float, float, int]:
+    """Place src with the role; (playbook wall seconds, the module's own seconds, files it ran at once)."""
     wall, res, _ = run_role(work, [{"name": "model", "path": str(src)}], data_root,
                             extra_vars={"model_weights_workers": workers})
     placed = res["placed"]
@@ -68,7 +63,7 @@ def place(work: Path, src: Path, data_root: Path, total: int, workers: int) -> t
             [p.name for p in src.iterdir()] + [".cla2-manifest.sha256", ".cla2-stamp.json"]):
         sys.exit(f"placed folder {placed_dir} does not hold the source's files")
     shutil.rmtree(data_root)
-    return wall, float(placed["seconds"])
+    return wall, float(placed["seconds"]), int(placed["workers"])
 
 
 def main() -> int:
@@ -101,10 +96,11 @@ def main() -> int:
                     times["cp"].append(synced)
                     shutil.rmtree(dst)
                     continue
-                wall, seconds = place(work, src, work / f"data-{r}-{key}", total, 0 if key == "role" else 1)
+                wall, seconds, used = place(work, src, work / f"data-{r}-{key}", total, 0 if key == "role" else 1)
                 times[key].append(seconds)
                 if key == "role":
                     times["wall"].append(wall)
+                    workers = used
         cp_s, cp_ns, role_s, wall_s, serial_s = (statistics.median(times[k])
                                                  for k in ("cp", "cp_nosync", "role", "wall", "serial"))
         cp_tp, role_tp = total / cp_s, total / role_s
@@ -115,7 +111,7 @@ def main() -> int:
         print(f"  cp -r + fsync       {cp_s:8.2f} s  {human(cp_tp)}/s   (cp -r alone, data left in the page cache:"
               f" {cp_ns:.2f} s, {human(total / cp_ns)}/s, ratio {cp_ns / role_s:.2f})")
         print(f"  model_weights role  {role_s:8.2f} s  {human(role_tp)}/s  (copy + sha256 + fsync + rename,"
-              f" {worker_count(len(list(src.iterdir())))} files at once; whole playbook {wall_s:.1f} s)")
+              f" {workers} files at once; whole playbook {wall_s:.1f} s)")
         print(f"  one file at a time  {serial_s:8.2f} s  {human(total / serial_s)}/s  (model_weights_workers: 1;"
               f" ratio to cp {cp_s / serial_s:.2f})")
         print(f"  ratio role/cp       {ratio:8.2f}   target >= {TARGET}"

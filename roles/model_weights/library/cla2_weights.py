@@ -255,7 +255,7 @@ class Hasher(object):
         return self.h.hexdigest()
 
 
-def kernel_copy_hashed(src, target, have, hasher, stop=None):
+def kernel_copy_hashed(src, target, have, hasher, stop):
     """Copy src into target from offset `have`, hashing as it goes; returns the bytes copied.
 
     Each chunk is copied by the kernel (copy_file_range, as `cp` does: no pass through a Python
@@ -280,7 +280,7 @@ def kernel_copy_hashed(src, target, have, hasher, stop=None):
                 try:
                     off = have
                     while off < size:
-                        if stop is not None and stop.is_set():
+                        if stop.is_set():
                             raise Stopped()
                         n = min(CHUNK, size - off)
                         done = 0
@@ -313,11 +313,11 @@ def kernel_copy_hashed(src, target, have, hasher, stop=None):
     return size - have
 
 
-def hash_prefix(hasher, path, length, stop=None):
+def hash_prefix(hasher, path, length, stop):
     with open(path, "rb", buffering=0) as fh:
         left = length
         while left:
-            if stop is not None and stop.is_set():
+            if stop.is_set():
                 raise Stopped()
             buf = fh.read(min(CHUNK, left))
             if not buf:
@@ -326,10 +326,10 @@ def hash_prefix(hasher, path, length, stop=None):
             left -= len(buf)
 
 
-def pump(reader, out, hasher, stop=None):
+def pump(reader, out, hasher, stop):
     n = 0
     while True:
-        if stop is not None and stop.is_set():
+        if stop.is_set():
             raise Stopped()
         buf = reader(CHUNK)
         if not buf:
@@ -576,7 +576,8 @@ class Placer(object):
 
         root = self.source if self.source_type == "path" else self.staging
         order = self.largest_first(root, names) if self.source_type != "url" else names
-        for_each_file(order, place_one, worker_count(self.workers, len(names)), stop)
+        self.result["workers"] = worker_count(self.workers, len(names))
+        for_each_file(order, place_one, self.result["workers"], stop)
         bad.sort()
         if bad:
             self.remove_staging()
