@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from cla2.engine import (
     ContextTooLong,
@@ -175,6 +176,42 @@ def test_cancel_frees_the_slot(engine):
     assert engine.num_running == 0
 
 
+def test_a_request_that_fails_to_join_the_batch_gets_an_error_not_a_hang(tiny_model):
+    """A failure while a prefilled request joins the running batch (the request is then neither waiting
+    nor running) must end it with an error, and the engine must go on serving."""
+    from cla2.engine import load_model
+
+    net, tok, dev = load_model(tiny_model)
+    e = Engine(net, tok, dev, max_batch_size=4, decode_graphs=False)
+    real = e._join
+
+    def join(req, cache):
+        if e._active:
+            raise RuntimeError("join failed")
+        return real(req, cache)
+
+    e._join = join
+    params = SamplingParams(temperature=0, max_new_tokens=50)
+    first = e.stream("从前", SamplingParams(temperature=0, max_new_tokens=1000))
+    done: list = []
+    worker = threading.Thread(target=lambda: done.extend(e.generate(["你好"], params)), daemon=True)
+    try:
+        deadline = time.time() + 10
+        while e.num_running == 0 and time.time() < deadline:
+            time.sleep(0.01)
+        assert e.num_running == 1
+        worker.start()
+        worker.join(timeout=60)
+        assert not worker.is_alive(), "a request was lost: its consumer still waits"
+        assert done[0].finish_reason == "error" and "join failed" in done[0].error
+        *_, result = first  # the batch it would have joined was failed with it
+        assert result.finish_reason == "error" and "join failed" in result.error
+        e._join = real
+        assert e.generate(["你好"], params)[0].finish_reason in ("stop", "length")
+    finally:
+        e.close()
+
+
 # ---- the static decode path (StaticCache + CUDA graph on CUDA; here the same step without the graph) ----
 
 
@@ -300,6 +337,9 @@ def test_static_decode_falls_back_to_eager(engine_pair, monkeypatch):
         e.close()
 
 
+@pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 2),
+                    reason="torch 2.1's dynamo cannot trace transformers' forward (a dict copy): there the engine "
+                    "falls back to eager decoding, which test_static_decode_falls_back_to_eager covers")
 def test_static_step_traces_as_one_graph(engine_pair):
     """The step that CUDA runs through torch.compile traces with no graph break on this transformers
     (dynamo's eager backend: the tracing without inductor's code generation, which is slow on a CPU)."""

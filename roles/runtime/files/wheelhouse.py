@@ -2,13 +2,19 @@
 """Build an offline wheelhouse of a wheel's dependencies for another Python (the image's).
 
     wheelhouse.py --wheel cla2-0.1.0-py3-none-any.whl --dest DIR --python-version 3.11 \
-        --platform manylinux_2_28_x86_64 --provided torch==2.13.0 [--pip 'python3 -m pip']
+        --platform manylinux_2_28_x86_64 --provided torch==2.13.0 [--constraint 'SPEC' ...] \
+        [--pip 'python3 -m pip']
 
 Packages the image already ships (``--provided``, e.g. torch and torch_mlu in Cambricon's image) are
 never downloaded: a stub wheel ``NAME-VERSION+provided`` with no files stands in for each one during
 resolution, so pip resolves every other dependency against the image's version and the real (multi-GB)
 package never enters the wheelhouse. The stubs are removed before the script exits. Prints a JSON line
-with the wheelhouse's file names.
+with the wheelhouse's file names and the constraints applied.
+
+The image's torch must satisfy the wheel's own ``torch`` extra (cla2: ``torch>=2.1``); an older one is
+refused before anything is downloaded. pip alone cannot pick the right versions for an older torch:
+transformers and numpy do not declare the torch they need, so the newest ones would be taken and fail
+at import in the image. ``TORCH_LIMITS`` adds the pins that are known to be needed.
 """
 
 from __future__ import annotations
@@ -23,6 +29,40 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+try:
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+except ImportError:  # a controller Python without packaging: pip always vendors it
+    from pip._vendor.packaging.specifiers import SpecifierSet
+    from pip._vendor.packaging.version import Version
+
+# (torch older than, pin): what upstream dropped, so pip (which cannot know it) must be told.
+TORCH_LIMITS = [
+    # transformers 4.56 needs torch >= 2.2 and disables its torch support below that
+    # (huggingface/transformers#40317, "byebye torch 2.1").
+    ("2.2", "transformers<4.56"),
+    # torch 2.1 and 2.2 are built against NumPy 1.x: NumPy 2 breaks their numpy interop.
+    ("2.3", "numpy<2"),
+]
+
+
+
+def torch_requirement(wheel: Path) -> str | None:
+    """The specifier of the wheel's ``torch`` extra (``>=2.1`` for cla2), or None."""
+    with zipfile.ZipFile(wheel) as zf:
+        meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        for line in zf.read(meta).decode().splitlines():
+            if line.startswith("Requires-Dist:") and 'extra == "torch"' in line:
+                spec = line.split(":", 1)[1].split(";")[0].strip()
+                return spec[len("torch"):].strip().strip("()") or None
+    return None
+
+
+def torch_pins(torch_version: str) -> list[str]:
+    """The pins ``TORCH_LIMITS`` asks for, for the image's torch."""
+    v = Version(Version(torch_version).base_version)  # a vendor's 2.1.0a0+git... is 2.1.0
+    return [pin for below, pin in TORCH_LIMITS if v < Version(below)]
 
 
 def stub_wheel(folder: Path, name: str, version: str) -> Path:
@@ -54,9 +94,34 @@ def main() -> int:
     ap.add_argument("--python-version", required=True, help="the image's Python, e.g. 3.11")
     ap.add_argument("--platform", action="append", default=[], help="pip platform tags (repeatable)")
     ap.add_argument("--provided", action="append", default=[], help="NAME==VERSION the image already has")
+    ap.add_argument("--constraint", action="append", default=[],
+                    help="an extra pin for the resolution, e.g. 'transformers==4.55.4' (repeatable)")
     ap.add_argument("--pip", default=f"{sys.executable} -m pip")
     ap.add_argument("--index-url", default="")
     args = ap.parse_args()
+
+    provided = {}
+    for spec in args.provided:
+        name, _, version = spec.partition("==")
+        if not version:
+            ap.error(f"--provided {spec!r}: write NAME==VERSION")
+        provided[name.lower().replace("_", "-")] = version
+    pins = list(args.constraint)
+    torch_version = provided.get("torch")
+    wanted = torch_requirement(Path(args.wheel))
+    if wanted and torch_version is None:
+        sys.stderr.write(f"{Path(args.wheel).name} runs on the image's torch, but no --provided torch==VERSION "
+                         "was given: the image must ship torch (and the role must list it among the provided "
+                         "packages)\n")
+        return 2
+    if wanted and not SpecifierSet(wanted).contains(Version(Version(torch_version).base_version)):
+        sys.stderr.write(
+            f"the image ships torch {torch_version}, but {Path(args.wheel).name} needs torch{wanted}: "
+            "load a PyTorch image whose torch satisfies that (Cambricon publishes torch 2.1 variants "
+            "of its image, e.g. v1.17.0-torch2.1.0-ubuntu20.04-py310)\n")
+        return 2
+    if torch_version:
+        pins += torch_pins(torch_version)
 
     args.dest.mkdir(parents=True, exist_ok=True)
     pyver = args.python_version.replace(".", "")
@@ -64,11 +129,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         stubs = Path(tmp)
         constraints = stubs / "constraints.txt"
-        lines = []
+        lines = list(pins)
         for spec in args.provided:
             name, _, version = spec.partition("==")
-            if not version:
-                ap.error(f"--provided {spec!r}: write NAME==VERSION")
             stub_wheel(stubs, name, version)
             lines.append(f"{name}=={version}+provided")
         constraints.write_text("\n".join(lines) + "\n")
@@ -93,7 +156,7 @@ def main() -> int:
     if own.exists():
         own.unlink()  # the wheelhouse holds the dependencies only; the wheel travels on its own
     names = sorted(p.name for p in args.dest.glob("*.whl"))
-    print(json.dumps({"dest": str(args.dest), "wheels": names}))
+    print(json.dumps({"dest": str(args.dest), "wheels": names, "constraints": pins}))
     return 0
 
 

@@ -248,7 +248,7 @@ def load_model(model: Path, adapter: Path | None = None, device: str | None = No
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cla2 import device as devices
-    from cla2.io import weight_files
+    from cla2.io import load_pretrained, weight_files
 
     weight_files(model)  # a clear error for a wrong folder, before transformers' own
     dev = devices.pick(device)
@@ -256,7 +256,7 @@ def load_model(model: Path, adapter: Path | None = None, device: str | None = No
     tok_dir = adapter if adapter is not None and any(
         (Path(adapter) / n).exists() for n in ("tokenizer.model", "tokenizer.json")) else model
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    net = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype)
+    net = load_pretrained(AutoModelForCausalLM, model, torch_dtype)
     if adapter is not None:
         from peft import PeftModel
 
@@ -280,6 +280,15 @@ def cache_kwarg(module) -> str:
 def output_cache(out):
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
+
+
+def filled_cache(cls, layers) -> object:
+    """A ``cls`` (DynamicCache) holding these (keys, values) per layer. Filled through ``update`` rather
+    than the constructor's ``ddp_cache_data``, which transformers 4.55 appends after an empty first layer."""
+    cache = cls()
+    for i, (k, v) in enumerate(layers):
+        cache.update(k, v, i)
+    return cache
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -311,12 +320,26 @@ def static_cache_class():
     return StaticCache
 
 
+def init_params(cls) -> set[str]:
+    """The keyword arguments ``cls(...)`` takes, following ``**kwargs`` up the class hierarchy
+    (transformers 4.55's StaticCache passes everything on to Cache)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(vars(klass)["__init__"]).parameters
+        names |= {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            break
+    return names
+
+
 def new_static_cache(config, length: int, device: torch.device, dtype: torch.dtype):
     """An empty StaticCache for one sequence of up to ``length`` tokens. transformers 4.56+ takes
     (config, max_cache_len) and allocates on the first update; older ones allocate at once and want the
     batch size (``batch_size`` in 4.42-4.55, ``max_batch_size`` before), the device and the dtype."""
     cls = static_cache_class()
-    params = inspect.signature(cls.__init__).parameters
+    params = init_params(cls)
     kwargs: dict = {"config": config, "max_cache_len": length}
     if "batch_size" in params:
         kwargs["batch_size"] = 1
@@ -601,7 +624,13 @@ class Engine:
             if req.finish_reason is not None:
                 req.finish()
                 continue
-            self._join(req, output_cache(out))
+            try:
+                self._join(req, output_cache(out))
+            except Exception as exc:
+                # Neither waiting nor running: without this its consumer would wait forever. The batch
+                # may be half-joined, so the loop fails it too and starts over.
+                req.finish("error", error=f"{type(exc).__name__}: {exc}")
+                raise
 
     def _join(self, req: Request, cache) -> None:
         """Stack a prefilled request's cache onto the running batch (left padding, masked out)."""
@@ -619,7 +648,7 @@ class Engine:
         for (k, v, *_), (nk, nv, *_) in zip(self._cache, cache, strict=True):
             layers.append((torch.cat([_pad_left(k, total - old_len), _pad_left(nk, total - new_len)]),
                            torch.cat([_pad_left(v, total - old_len), _pad_left(nv, total - new_len)])))
-        self._cache = self._DynamicCache(layers)
+        self._cache = filled_cache(self._DynamicCache, layers)
         pad = lambda m, n: torch.cat([m.new_zeros(m.shape[0], n), m], dim=1)  # noqa: E731
         self._mask = torch.cat([pad(self._mask, total - old_len), pad(new_mask, total - new_len)])
         self._active.append(req)
@@ -646,8 +675,8 @@ class Engine:
     def _leave_static(self) -> None:
         """Back to the batched path: the static cache cut to the lone request's used length."""
         n = self._active[0].position
-        self._cache = self._DynamicCache([(k[:, :, :n].clone(), v[:, :, :n].clone())
-                                          for k, v in static_layers(self._static)])
+        self._cache = filled_cache(self._DynamicCache, [(k[:, :, :n].clone(), v[:, :, :n].clone())
+                                                        for k, v in static_layers(self._static)])
         self._mask = torch.ones(1, n, dtype=torch.long, device=self.device)
         self._static = None
 
@@ -723,4 +752,5 @@ class Engine:
         # Drop the columns that are padding for every remaining row.
         lead = int((self._mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())
         self._mask = self._mask[:, lead:]
-        self._cache = self._DynamicCache([(k[index, :, lead:], v[index, :, lead:]) for k, v, *_ in self._cache])
+        self._cache = filled_cache(self._DynamicCache, [(k[index, :, lead:], v[index, :, lead:])
+                                                        for k, v, *_ in self._cache])

@@ -26,6 +26,7 @@ from typing import Literal
 
 import torch
 
+from cla2.engine import filled_cache, output_cache
 from cla2.prompts import build_prompt
 
 CHOICES = "ABCD"
@@ -159,10 +160,12 @@ class Scorer:
 
     def _run(self, ids: torch.Tensor, cache, start: int) -> tuple[torch.Tensor, object]:
         positions = torch.arange(start, start + ids.shape[1], device=self.device).unsqueeze(0).expand(ids.shape[0], -1)
-        out = self.decoder(input_ids=ids, position_ids=positions, use_cache=True, **{self.cache_kw: cache})
+        # An all-ones mask changes nothing (the tails are right-padded and each is read at its own last
+        # token), but without one transformers 4.55 on torch < 2.5 writes into a batch-expanded causal mask.
+        mask = torch.ones(ids.shape[0], start + ids.shape[1], dtype=torch.long, device=self.device)
+        out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                           **{self.cache_kw: cache})
         self.forwards += 1
-        from cla2.engine import output_cache
-
         return out.last_hidden_state, output_cache(out)
 
     @torch.inference_mode()
@@ -184,7 +187,8 @@ class Scorer:
             width = max(map(len, tails))
             ids = torch.tensor([t + [0] * (width - len(t)) for t in tails], device=self.device)
             n = len(idx)
-            cache = self.DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix_kv])
+            cache = filled_cache(self.DynamicCache, [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
+                                                     for k, v in prefix_kv])
             hidden, _ = self._run(ids, cache, shared)
             last = hidden[torch.arange(n, device=self.device),
                           torch.tensor([len(t) - 1 for t in tails], device=self.device)]

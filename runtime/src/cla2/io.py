@@ -93,6 +93,20 @@ def save_sharded(state_dict: dict[str, torch.Tensor], folder: Path, shards: int 
         (Path(folder) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def dtype_key() -> str:
+    """What this transformers calls the weight dtype, in ``from_pretrained`` and in the config:
+    ``dtype`` from 4.56 on, ``torch_dtype`` before (torch 2.1 images cannot go past 4.55)."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
+
+
+def load_pretrained(auto_cls, model: Path, dtype: torch.dtype):
+    """``auto_cls.from_pretrained(model)`` with its weights in ``dtype``, on any supported transformers."""
+    return auto_cls.from_pretrained(str(model), **{dtype_key(): dtype})
+
+
 def weight_files(model_dir: Path) -> list[Path]:
     """The weight files of a model folder (safetensors preferred, else PyTorch .bin), or a clear error."""
     model_dir = Path(model_dir)

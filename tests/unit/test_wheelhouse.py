@@ -1,0 +1,113 @@
+"""The runtime role's wheelhouse builder (roles/runtime/files/wheelhouse.py), run as the role runs it, for
+an image other than the sandbox's: Cambricon's PyTorch image for the MLU370 ships torch 2.1 and Python
+3.10, so the wheelhouse must hold what still runs there (transformers before 4.56, NumPy 1), never torch
+itself, and an image whose torch cla2 cannot use must be refused before anything is downloaded.
+
+The molecule `jobs` scenario covers the role with the sandbox's torch 2.13 image; these resolve the real
+dependencies of the real cla2 wheel against PyPI, as the controller does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "roles" / "runtime" / "files" / "wheelhouse.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("wheelhouse", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The cla2 wheel, built from runtime/ as the role builds it."""
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(out),
+                    str(ROOT / "runtime")], check=True, timeout=300)
+    (found,) = out.glob("cla2-*.whl")
+    return found
+
+
+def run(wheel: Path, dest: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), "--wheel", str(wheel), "--dest", str(dest),
+                           "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux2014_x86_64", *args],
+                          capture_output=True, text=True, timeout=900, check=False)
+
+
+def versions(dest: Path) -> dict[str, str]:
+    out = {}
+    for whl in dest.glob("*.whl"):
+        name, version = whl.name.split("-")[:2]
+        out[name.lower()] = version
+    return out
+
+
+def test_the_wheel_declares_the_torch_it_needs(wheel):
+    assert load_script().torch_requirement(wheel) == ">=2.1"
+
+
+@pytest.mark.parametrize(("torch", "pins"), [
+    ("2.1.2", ["transformers<4.56", "numpy<2"]),
+    ("2.1.0a0+git1234", ["transformers<4.56", "numpy<2"]),  # a vendor's build of 2.1
+    ("2.2.2", ["numpy<2"]),
+    ("2.3.0", []),
+    ("2.13.0", []),
+])
+def test_pins_follow_the_image_torch(torch, pins):
+    assert load_script().torch_pins(torch) == pins
+
+
+def test_torch_2_1_image_gets_what_runs_on_it(wheel, tmp_path):
+    dest = tmp_path / "wheelhouse"
+    proc = run(wheel, dest, "--python-version", "3.10", "--provided", "torch==2.1.0", "--provided",
+               "torch_mlu==1.17.0", "--constraint", "peft<0.22")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["constraints"] == ["peft<0.22", "transformers<4.56", "numpy<2"]
+    got = versions(dest)
+    assert sorted(report["wheels"]) == sorted(p.name for p in dest.glob("*.whl"))
+    assert "torch" not in got and "torch_mlu" not in got, "the image's own torch must never be downloaded"
+    assert not list(dest.glob("*+provided*")), "the stand-in stubs must not stay in the wheelhouse"
+    assert not list(dest.glob("cla2-*")), "the wheel travels on its own"
+    major, minor = (int(x) for x in got["transformers"].split(".")[:2])
+    assert (major, minor) < (4, 56) and (major, minor) >= (4, 55), got["transformers"]
+    assert got["numpy"].startswith("1."), got["numpy"]
+    assert tuple(int(x) for x in got["peft"].split(".")[:2]) < (0, 22)
+    # Every wheel installs on CPython 3.10 (the image's Python): pure Python, abi3, or built for 3.10.
+    for name in report["wheels"]:
+        py, abi, _ = name[:-len(".whl")].split("-")[-3:]
+        assert "cp310" in py.split(".") or abi in ("none", "abi3"), name
+    # And the wheel's own requirements are met by what is there (no dependency left out).
+    with zipfile.ZipFile(wheel) as zf:
+        meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        required = [line.split(":", 1)[1].strip() for line in zf.read(meta).decode().splitlines()
+                    if line.startswith("Requires-Dist:") and "extra ==" not in line]
+    for req in required:
+        name = re.split(r"[<>=!~ ;\[]", req, maxsplit=1)[0].lower().replace("-", "_")
+        assert name in got, f"{req} is not in the wheelhouse"
+
+
+@pytest.mark.parametrize(("provided", "message"), [
+    (["--provided", "torch==1.13.1"], "the image ships torch 1.13.1, but cla2-"),
+    ([], "no --provided torch==VERSION was given"),
+])
+def test_an_image_cla2_cannot_run_on_is_refused_before_any_download(wheel, tmp_path, provided, message):
+    dest = tmp_path / "wheelhouse"
+    proc = run(wheel, dest, "--python-version", "3.10", *provided)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    if provided:
+        assert "needs torch>=2.1" in proc.stderr and "torch2.1.0" in proc.stderr
+    assert not dest.exists(), "nothing may be downloaded for an image that cannot run cla2"
