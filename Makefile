@@ -6,6 +6,11 @@ VENV := .venv
 RT_VENV := .venv-runtime
 # The runtime's tests need torch; name the wheel or spec to take it from (a CPU build here).
 TORCH_SPEC ?= torch==2.13.0
+# The runtime's tests again on the stack of Cambricon's image: its torch (2.1; PyPI has only the CUDA
+# build, some 2.5 GB with its libraries, which runs on the CPU too) and what the runtime role's
+# wheelhouse resolves for it (transformers 4.55, NumPy 1). DeepSpeed is the image's own there: not tested.
+COMPAT_VENV := .venv-runtime-torch21
+COMPAT_TORCH ?= 2.1.2
 FIXTURES := $(CURDIR)/.cache/fixtures
 # Molecule scenarios run by `make test`, in order.
 SCENARIOS ?= default preflight_driver_failures image_weights_failures jobs multinode
@@ -16,7 +21,8 @@ export CLA2_HOST_PIP := $(CURDIR)/$(VENV)/bin/python -m pip
 DEMO_VARS := -e @playbooks/vars/sandbox-demo.yml
 export ANSIBLE_FORCE_COLOR := 0
 
-.PHONY: demo bench-demo test venv runtime-venv sandbox-image fixtures lint test-units test-runtime test-molecule bench-smoke \
+.PHONY: demo bench-demo test venv runtime-venv compat-venv sandbox-image fixtures lint test-units test-runtime \
+        test-runtime-compat test-molecule bench-smoke \
         sandbox sandbox-destroy clean
 
 venv: $(VENV)/.done
@@ -31,6 +37,13 @@ $(RT_VENV)/.done: runtime/pyproject.toml
 	$(PYTHON) -m venv $(RT_VENV)
 	$(RT_VENV)/bin/pip install -q "$(TORCH_SPEC)"
 	$(RT_VENV)/bin/pip install -q -e 'runtime[test,deepspeed]'
+	touch $@
+
+compat-venv: $(COMPAT_VENV)/.done
+$(COMPAT_VENV)/.done: runtime/pyproject.toml roles/runtime/files/wheelhouse.py | venv
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install -q "torch==$(COMPAT_TORCH)" -e 'runtime[test]' \
+	  $$($(VENV)/bin/python roles/runtime/files/wheelhouse.py --pins-for-torch $(COMPAT_TORCH))
 	touch $@
 
 sandbox-image:
@@ -52,13 +65,16 @@ test-units: venv
 test-runtime: runtime-venv
 	cd runtime && ../$(RT_VENV)/bin/pytest -q -p no:cacheprovider
 
+test-runtime-compat: compat-venv
+	cd runtime && ../$(COMPAT_VENV)/bin/pytest -q -p no:cacheprovider -k 'not deepspeed and not torchrun'
+
 test-molecule: venv fixtures
 	for s in $(SCENARIOS); do echo "== molecule scenario $$s"; molecule test -s $$s; done
 
 bench-smoke: venv runtime-venv
 	bench/smoke.sh
 
-test: lint test-units test-runtime test-molecule bench-smoke
+test: lint test-units test-runtime test-runtime-compat test-molecule bench-smoke
 
 sandbox: venv fixtures
 	ansible-playbook playbooks/sandbox.yml
@@ -83,4 +99,4 @@ bench-demo: venv
 	bench/demo_stages.py --skip-provision
 
 clean: sandbox-destroy
-	rm -rf $(VENV) $(RT_VENV) .cache
+	rm -rf $(VENV) $(RT_VENV) $(COMPAT_VENV) .cache

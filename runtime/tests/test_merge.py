@@ -92,9 +92,8 @@ def test_merge_equals_peft_merge_and_unload(tmp_path, tiny_model, adapter, refer
     assert not any(p.name.startswith(".merged") for p in tmp_path.iterdir())
 
 
-def test_merge_reads_pytorch_bin_shards(tmp_path, tiny_model, adapter, reference):
-    """The published hfl folders are .bin: the same merge from a .bin copy of the base."""
-    base_bin = tmp_path / "base-bin"
+def bin_copy(tiny_model: Path, base_bin: Path) -> Path:
+    """A copy of the model with its weights as PyTorch .bin shards, as the published hfl folders ship."""
     base_bin.mkdir()
     weight_map = {}
     st_index = json.loads((Path(tiny_model) / "model.safetensors.index.json").read_text())
@@ -107,10 +106,40 @@ def test_merge_reads_pytorch_bin_shards(tmp_path, tiny_model, adapter, reference
     for f in Path(tiny_model).iterdir():
         if not f.name.startswith("model"):
             shutil.copy(f, base_bin / f.name)
+    return base_bin
+
+
+def test_merge_reads_pytorch_bin_shards(tmp_path, tiny_model, adapter, reference):
+    """The published hfl folders are .bin: the same merge from a .bin copy of the base."""
+    base_bin = bin_copy(Path(tiny_model), tmp_path / "base-bin")
     out = tmp_path / "merged-from-bin"
     merge.main(adapter, out, model=base_bin)
     _check_equal(out, reference)
     assert (out / "model.safetensors").exists()  # one shard at the default 2GB
+
+
+def test_bin_weights_load_where_transformers_reads_them_else_a_clear_error(tmp_path, tiny_model):
+    """transformers refuses .bin files under torch < 2.6 (Cambricon's image): then the jobs say so, and what to
+    do, before loading anything; elsewhere the .bin copy loads as the safetensors original."""
+    from transformers.utils import import_utils
+
+    from cla2.engine import load_model
+
+    base_bin = bin_copy(Path(tiny_model), tmp_path / "base-bin")
+    try:
+        getattr(import_utils, "check_torch_load_is_safe", lambda: None)()
+        refused = False
+    except ValueError:
+        refused = True
+    if refused:
+        with pytest.raises(ValueError, match=r"holds PyTorch \.bin weights .*CVE-2025-32434.*save_pretrained"):
+            load_model(base_bin)
+        return
+    net, _, _ = load_model(base_bin)
+    ref, _, _ = load_model(Path(tiny_model))
+    ids = torch.tensor([[1, 100, 200, 300]])
+    with torch.no_grad():
+        assert torch.equal(net(input_ids=ids).logits, ref(input_ids=ids).logits)
 
 
 def test_dtype_flag_and_cli(tmp_path, adapter, tiny_model, reference):

@@ -4,6 +4,7 @@
     wheelhouse.py --wheel cla2-0.1.0-py3-none-any.whl --dest DIR --python-version 3.11 \
         --platform manylinux_2_28_x86_64 --provided torch==2.13.0 [--constraint 'SPEC' ...] \
         [--pip 'python3 -m pip']
+    wheelhouse.py --pins-for-torch 2.1.2      the pins it adds for that torch, one a line
 
 Packages the image already ships (``--provided``, e.g. torch and torch_mlu in Cambricon's image) are
 never downloaded: a stub wheel ``NAME-VERSION+provided`` with no files stands in for each one during
@@ -88,6 +89,10 @@ def stub_wheel(folder: Path, name: str, version: str) -> Path:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--pins-for-torch"] and len(sys.argv) == 3:
+        # What the Makefile's torch 2.1 test environment takes, so that it resolves as the role does.
+        print("\n".join(torch_pins(sys.argv[2])))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--wheel", required=True, help="the wheel whose dependencies to collect")
     ap.add_argument("--dest", required=True, type=Path)

@@ -337,7 +337,8 @@ def init_params(cls) -> set[str]:
 def new_static_cache(config, length: int, device: torch.device, dtype: torch.dtype):
     """An empty StaticCache for one sequence of up to ``length`` tokens. transformers 4.56+ takes
     (config, max_cache_len) and allocates on the first update; older ones allocate at once and want the
-    batch size (``batch_size`` in 4.42-4.55, ``max_batch_size`` before), the device and the dtype."""
+    batch size (``batch_size`` or ``max_batch_size``; 4.55, the one tested, takes them through ``**kwargs``),
+    the device and the dtype."""
     cls = static_cache_class()
     params = init_params(cls)
     kwargs: dict = {"config": config, "max_cache_len": length}

@@ -102,8 +102,31 @@ def dtype_key() -> str:
     return "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
 
 
+def check_loadable(model: Path) -> None:
+    """Refuse, with the way out, PyTorch .bin weights that this transformers will not read: from 4.50 on
+    it refuses ``torch.load`` under torch < 2.6 (CVE-2025-32434; Cambricon's image has torch 2.1), and
+    the published Chinese-LLaMA-2 / Alpaca-2 folders are .bin."""
+    from transformers.utils import import_utils
+
+    bins = [f for f in weight_files(model) if f.suffix == ".bin"]
+    if not bins or not hasattr(import_utils, "check_torch_load_is_safe"):
+        return
+    try:
+        import_utils.check_torch_load_is_safe()
+    except ValueError:
+        import transformers
+
+        raise ValueError(
+            f"model folder {model} holds PyTorch .bin weights ({bins[0].name}), and transformers "
+            f"{transformers.__version__} does not read .bin files with torch {torch.__version__} (torch.load "
+            "before torch 2.6 is unsafe for untrusted files, CVE-2025-32434). Give it the model as safetensors: "
+            "convert the folder once where torch >= 2.6 is installed (AutoModelForCausalLM.from_pretrained(DIR)"
+            ".save_pretrained(OUT), then copy the tokenizer files)") from None
+
+
 def load_pretrained(auto_cls, model: Path, dtype: torch.dtype):
     """``auto_cls.from_pretrained(model)`` with its weights in ``dtype``, on any supported transformers."""
+    check_loadable(model)
     return auto_cls.from_pretrained(str(model), **{dtype_key(): dtype})
 
 
