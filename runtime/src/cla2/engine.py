@@ -248,9 +248,9 @@ def load_model(model: Path, adapter: Path | None = None, device: str | None = No
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cla2 import device as devices
-    from cla2.io import load_pretrained, weight_files
+    from cla2.io import check_loadable, load_pretrained
 
-    weight_files(model)  # a clear error for a wrong folder, before transformers' own
+    check_loadable(model)  # a clear error for a wrong folder or unreadable weights, before transformers' own
     dev = devices.pick(device)
     torch_dtype = devices.parse_dtype(dtype, dev)
     tok_dir = adapter if adapter is not None and any(

@@ -29,7 +29,7 @@ import torch
 
 from cla2 import __version__
 from cla2.device import Device, parse_dtype, pick
-from cla2.io import OutputExistsError, load_pretrained, weight_files
+from cla2.io import OutputExistsError, check_loadable, load_pretrained
 
 CONFIGS = Path(__file__).parent / "configs"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -259,7 +259,7 @@ def run(
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    weight_files(model)  # a model folder without weights fails here, before anything is written
+    check_loadable(model)  # a folder without weights, or weights transformers won't read, fail here
     if not (model / "config.json").exists():
         raise FileNotFoundError(f"model folder {model} has no config.json: point --model at a Hugging Face model folder")
     tok_dir = Path(tokenizer) if tokenizer else model
