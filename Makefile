@@ -33,10 +33,10 @@ $(VENV)/.done: requirements.txt
 	touch $@
 
 runtime-venv: $(RT_VENV)/.done
-$(RT_VENV)/.done: runtime/pyproject.toml
+$(RT_VENV)/.done: runtime/pyproject.toml runtime/constraints.txt
 	$(PYTHON) -m venv $(RT_VENV)
 	$(RT_VENV)/bin/pip install -q "$(TORCH_SPEC)"
-	$(RT_VENV)/bin/pip install -q -e 'runtime[test,deepspeed]'
+	$(RT_VENV)/bin/pip install -q -c runtime/constraints.txt -e 'runtime[test,deepspeed]'
 	touch $@
 
 compat-venv: $(COMPAT_VENV)/.done
