@@ -48,6 +48,10 @@ TORCH_LIMITS = [
 ]
 
 
+def release(version: str) -> Version:
+    """The release a version names: a vendor's 2.1.0a0+git... is 2.1.0."""
+    return Version(Version(version).base_version)
+
 
 def torch_requirement(wheel: Path) -> str | None:
     """The specifier of the wheel's ``torch`` extra (``>=2.1`` for cla2), or None."""
@@ -62,7 +66,7 @@ def torch_requirement(wheel: Path) -> str | None:
 
 def torch_pins(torch_version: str) -> list[str]:
     """The pins ``TORCH_LIMITS`` asks for, for the image's torch."""
-    v = Version(Version(torch_version).base_version)  # a vendor's 2.1.0a0+git... is 2.1.0
+    v = release(torch_version)
     return [pin for below, pin in TORCH_LIMITS if v < Version(below)]
 
 
@@ -105,21 +109,21 @@ def main() -> int:
     ap.add_argument("--index-url", default="")
     args = ap.parse_args()
 
-    provided = {}
+    provided = []  # (name, version) as given
     for spec in args.provided:
         name, _, version = spec.partition("==")
         if not version:
             ap.error(f"--provided {spec!r}: write NAME==VERSION")
-        provided[name.lower().replace("_", "-")] = version
+        provided.append((name, version))
     pins = list(args.constraint)
-    torch_version = provided.get("torch")
+    torch_version = next((v for n, v in provided if n.lower() == "torch"), None)
     wanted = torch_requirement(Path(args.wheel))
     if wanted and torch_version is None:
         sys.stderr.write(f"{Path(args.wheel).name} runs on the image's torch, but no --provided torch==VERSION "
                          "was given: the image must ship torch (and the role must list it among the provided "
                          "packages)\n")
         return 2
-    if wanted and not SpecifierSet(wanted).contains(Version(Version(torch_version).base_version)):
+    if wanted and not SpecifierSet(wanted).contains(release(torch_version)):
         sys.stderr.write(
             f"the image ships torch {torch_version}, but {Path(args.wheel).name} needs torch{wanted}: "
             "load a PyTorch image whose torch satisfies that (Cambricon publishes torch 2.1 variants "
@@ -135,8 +139,7 @@ def main() -> int:
         stubs = Path(tmp)
         constraints = stubs / "constraints.txt"
         lines = list(pins)
-        for spec in args.provided:
-            name, _, version = spec.partition("==")
+        for name, version in provided:
             stub_wheel(stubs, name, version)
             lines.append(f"{name}=={version}+provided")
         constraints.write_text("\n".join(lines) + "\n")
@@ -154,8 +157,8 @@ def main() -> int:
             sys.stderr.write(f"pip download failed for {args.wheel} (Python {args.python_version}); "
                              "see pip's message above\n")
             return proc.returncode
-    for spec in args.provided:
-        for stub in args.dest.glob(f"{spec.partition('==')[0].replace('-', '_')}-*+provided-*.whl"):
+    for name, _ in provided:
+        for stub in args.dest.glob(f"{name.replace('-', '_')}-*+provided-*.whl"):
             stub.unlink()
     own = args.dest / Path(args.wheel).name
     if own.exists():

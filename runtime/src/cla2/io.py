@@ -125,8 +125,8 @@ def check_loadable(model: Path) -> None:
 
 
 def load_pretrained(auto_cls, model: Path, dtype: torch.dtype):
-    """``auto_cls.from_pretrained(model)`` with its weights in ``dtype``, on any supported transformers."""
-    check_loadable(model)
+    """``auto_cls.from_pretrained(model)`` with its weights in ``dtype``, on any supported transformers
+    (callers run ``check_loadable`` first, before anything is written)."""
     return auto_cls.from_pretrained(str(model), **{dtype_key(): dtype})
 
 
