@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from cla2 import plan
 from cla2.engine import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_REPETITION_PENALTY,
@@ -28,6 +29,7 @@ def main(
     model: Path,
     adapter: Path | None = None,
     device: str | None = None,
+    devices: list[int] | None = None,
     dtype: str | None = None,
     system_prompt: str = DEFAULT_SYSTEM_PROMPT,
     temperature: float = DEFAULT_TEMPERATURE,
@@ -44,6 +46,8 @@ def main(
         model: Model folder (merged, or the base model when --adapter is given).
         adapter: LoRA adapter folder, merged at load time.
         device: mlu, cuda or cpu (default: the best available).
+        devices: Device indices of this replica, e.g. 0,1: the layers are spread over them (default: the
+            plan's first group, as few devices as the model fits on; see `cla2 plan`).
         dtype: fp32, fp16, bf16 or auto.
         system_prompt: System prompt of the Alpaca-2 template.
         temperature: Sampling temperature; 0 is greedy.
@@ -55,8 +59,10 @@ def main(
         decode_graphs: Decode a request that runs alone through a static KV cache and a CUDA graph (torch.compile;
             default: on for CUDA only; the first request of each cache size waits while it compiles).
     """
+    placement, replica = plan.for_inference("chat", model, device, dtype, devices, 1)
     engine = Engine.from_pretrained(model, adapter=adapter, device=device, dtype=dtype, max_batch_size=1,
-                                    decode_graphs=decode_graphs)
+                                    decode_graphs=decode_graphs, devices=replica,
+                                    layer_groups=[s.layers for s in placement.shares])
     interactive = sys.stdin.isatty()
     out = sys.stdout
     history: list[dict] = []

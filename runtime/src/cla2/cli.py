@@ -15,6 +15,7 @@ from pathlib import Path
 # sub-command -> module whose ``main`` runs it, in the order of the model's life cycle
 COMMANDS = {
     "env": "cla2.env",
+    "plan": "cla2.plan",
     "tiny": "cla2.tiny",
     "finetune": "cla2.finetune",
     "pretrain": "cla2.pretrain",

@@ -242,33 +242,92 @@ class Request:
         return result
 
 
-def load_model(model: Path, adapter: Path | None = None, device: str | None = None, dtype: str | None = None):
+def replica_device_map(net_skeleton, layer_groups: list[list[int]], torch_devices: list) -> dict:
+    """accelerate's device_map for a replica: decoder layer i on the device whose group holds it, the
+    embedding (and whatever else sits beside the layers, e.g. the rotary embedding) on the first device,
+    the final norm and the output layer on the last (on the first when the output layer is tied to the
+    embedding). The groups come from the plan, so what loads is what the plan counted."""
+    where = {i: torch_devices[d] for d, group in enumerate(layer_groups) for i in group}
+    first, last = torch_devices[0], torch_devices[-1]
+    tied = bool(getattr(net_skeleton.config, "tie_word_embeddings", False))
+    base = net_skeleton.base_model_prefix  # "model"
+    device_map: dict = {}
+    for name, _ in getattr(net_skeleton, base).named_children():
+        if name == "layers":
+            for i in range(len(getattr(net_skeleton, base).layers)):
+                device_map[f"{base}.layers.{i}"] = where[i]
+        else:
+            device_map[f"{base}.{name}"] = last if name == "norm" and not tied else first
+    for name, _ in net_skeleton.named_children():
+        if name != base:
+            device_map[name] = first if tied else last
+    return device_map
+
+
+def load_model(model: Path, adapter: Path | None = None, device: str | None = None, dtype: str | None = None,
+               devices: list[int] | None = None, layer_groups: list[list[int]] | None = None):
     """Load (model, tokenizer, torch device) from a Hugging Face folder, with an optional LoRA adapter
-    merged in. The tokenizer comes from the adapter folder when it ships one (the seed's adapters do)."""
+    merged in. The tokenizer comes from the adapter folder when it ships one (the seed's adapters do).
+
+    ``devices``: the device indices of the replica (default: the current device alone). With more than one,
+    the layers are spread over them as ``layer_groups`` says (the plan's split; default: even), each weight
+    loaded straight onto its device, and accelerate's hooks carry the hidden states from device to device;
+    the returned torch device is the first one, where inputs go in and logits come out."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cla2 import device as devices
+    from cla2 import device as devices_mod
     from cla2.io import check_loadable, load_pretrained
 
     check_loadable(model)  # a clear error for a wrong folder or unreadable weights, before transformers' own
-    dev = devices.pick(device)
-    torch_dtype = devices.parse_dtype(dtype, dev)
+    dev = devices_mod.pick(device)
+    torch_dtype = devices_mod.parse_dtype(dtype, dev)
     tok_dir = adapter if adapter is not None and any(
         (Path(adapter) / n).exists() for n in ("tokenizer.model", "tokenizer.json")) else model
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    net = load_pretrained(AutoModelForCausalLM, model, torch_dtype)
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():
+        raise FileNotFoundError(f"adapter folder {adapter} has no adapter_config.json: point --adapter at "
+                                "the folder `cla2 finetune` wrote")
+    if devices is not None and len(devices) > 1:
+        net = _load_split(AutoModelForCausalLM, model, torch_dtype, [dev.torch_device(i) for i in devices],
+                          layer_groups)
+        torch_device = dev.torch_device(devices[0])
+    else:
+        net = load_pretrained(AutoModelForCausalLM, model, torch_dtype)
+        torch_device = dev.torch_device(devices[0] if devices else None)
     if adapter is not None:
         from peft import PeftModel
 
-        if not (Path(adapter) / "adapter_config.json").exists():
-            raise FileNotFoundError(f"adapter folder {adapter} has no adapter_config.json: point --adapter at "
-                                    "the folder `cla2 finetune` wrote")
         if net.get_input_embeddings().weight.shape[0] != len(tokenizer):
             net.resize_token_embeddings(len(tokenizer))
         net = PeftModel.from_pretrained(net, str(adapter)).merge_and_unload()
-    torch_device = dev.torch_device()
-    net.to(torch_device).eval()
+    if getattr(net, "hf_device_map", None) is None or len(devices or []) <= 1:
+        net.to(torch_device)
+    net.eval()
     return net, tokenizer, torch_device
+
+
+def _load_split(auto_cls, model: Path, torch_dtype, torch_devices: list, layer_groups: list[list[int]] | None):
+    """The model with its layers spread over ``torch_devices`` (see ``load_model``)."""
+    import accelerate
+    from transformers import AutoConfig
+
+    from cla2.io import dtype_key
+
+    config = AutoConfig.from_pretrained(str(model))
+    with accelerate.init_empty_weights():
+        skeleton = auto_cls.from_config(config)
+    n = config.num_hidden_layers
+    if layer_groups is None:
+        k = len(torch_devices)
+        layer_groups = [list(range(d * n // k, (d + 1) * n // k)) for d in range(k)]
+    device_map = replica_device_map(skeleton, layer_groups, torch_devices)
+    del skeleton
+    net = auto_cls.from_pretrained(str(model), device_map=device_map, **{dtype_key(): torch_dtype})
+    if getattr(net, "_hf_hook", None) is None:
+        # Every device of the replica is the same torch device (the CPU, or a test double's devices):
+        # transformers then skips accelerate's hooks. Add them anyway, so the replica runs the same code.
+        net = accelerate.dispatch_model(net, device_map=device_map, main_device=torch_devices[0], force_hooks=True)
+    return net
 
 
 def cache_kwarg(module) -> str:
@@ -334,11 +393,12 @@ def init_params(cls) -> set[str]:
     return names
 
 
-def new_static_cache(config, length: int, device: torch.device, dtype: torch.dtype):
+def new_static_cache(config, length: int, device: torch.device, dtype: torch.dtype,
+                     layer_devices: list[torch.device] | None = None):
     """An empty StaticCache for one sequence of up to ``length`` tokens. transformers 4.56+ takes
     (config, max_cache_len) and allocates on the first update; older ones allocate at once and want the
     batch size (``batch_size`` or ``max_batch_size``; 4.55, the one tested, takes them through ``**kwargs``),
-    the device and the dtype."""
+    the device and the dtype (and, for a model split over devices, each layer's device)."""
     cls = static_cache_class()
     params = init_params(cls)
     kwargs: dict = {"config": config, "max_cache_len": length}
@@ -350,6 +410,8 @@ def new_static_cache(config, length: int, device: torch.device, dtype: torch.dty
         kwargs["device"] = device
     if "dtype" in params:
         kwargs["dtype"] = dtype
+    if layer_devices is not None and "layer_device_map" in params:
+        kwargs["layer_device_map"] = dict(enumerate(layer_devices))
     return cls(**kwargs)
 
 
@@ -404,6 +466,10 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device or next(model.parameters()).device
+        # A replica split over devices (accelerate's device_map): each layer's KV cache lives on its
+        # layer's device; inputs go in and logits come out on self.device.
+        split = getattr(model, "hf_device_map", None) or {}
+        self.devices = sorted({str(d) for d in split.values()}) or [str(self.device)]
         self.max_batch_size = max(1, int(max_batch_size))
         self.name = name
         self.truncate = truncate
@@ -437,13 +503,15 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model: Path, adapter: Path | None = None, device: str | None = None,
                         dtype: str | None = None, max_batch_size: int = 8, name: str | None = None,
-                        truncate: bool = False, decode_graphs: bool | None = None) -> Engine:
-        net, tokenizer, torch_device = load_model(model, adapter, device, dtype)
+                        truncate: bool = False, decode_graphs: bool | None = None, devices: list[int] | None = None,
+                        layer_groups: list[list[int]] | None = None) -> Engine:
+        net, tokenizer, torch_device = load_model(model, adapter, device, dtype, devices, layer_groups)
         return cls(net, tokenizer, torch_device, max_batch_size=max_batch_size,
                    name=name or Path(model).resolve().name, truncate=truncate, decode_graphs=decode_graphs)
 
     def _static_wanted(self, wanted: bool | None) -> bool:
-        on = self.device.type == "cuda" if wanted is None else bool(wanted)
+        # By default only on one CUDA device: a graph cannot span a replica's devices.
+        on = self.device.type == "cuda" and len(self.devices) == 1 if wanted is None else bool(wanted)
         if on and static_cache_class() is None:
             if wanted:
                 warnings.warn("decode_graphs: this transformers has no StaticCache; decoding eagerly",
@@ -660,15 +728,18 @@ class Engine:
     def _enter_static(self, req: Request) -> None:
         """Copy the lone request's cache into a static cache of the length it may still need."""
         length = static_len(len(req.prompt_ids) + req.max_new_tokens, self.window)
+        layers = [(k, v) for k, v, *_ in self._cache]
         cache = self._static_caches.get(length)
         if cache is None:
-            cache = new_static_cache(self.model.config, length, self.device, self._dtype)
+            cache = new_static_cache(self.model.config, length, self.device, self._dtype,
+                                     [k.device for k, _ in layers])
         else:
             cache.reset()
         n = req.position  # tokens in the cache; any columns before them are padding
-        positions = torch.arange(n, device=self.device)
-        for i, (k, v, *_) in enumerate(self._cache):
-            cache.update(k[:, :, k.shape[2] - n:], v[:, :, v.shape[2] - n:], i, {"cache_position": positions})
+        positions = torch.arange(n)
+        for i, (k, v) in enumerate(layers):
+            cache.update(k[:, :, k.shape[2] - n:], v[:, :, v.shape[2] - n:], i,
+                         {"cache_position": positions.to(k.device)})
         self._static_caches[length] = cache
         self._static, self._cache, self._mask = cache, None, None
         self.static_entries += 1
@@ -748,10 +819,10 @@ class Engine:
         if not keep:
             self._cache, self._mask, self._static = None, None, None
             return
-        index = torch.tensor(keep, device=self.device)
-        self._mask = self._mask[index]
+        index = torch.tensor(keep)
+        self._mask = self._mask[index.to(self._mask.device)]
         # Drop the columns that are padding for every remaining row.
         lead = int((self._mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())
         self._mask = self._mask[:, lead:]
-        self._cache = filled_cache(self._DynamicCache, [(k[index, :, lead:], v[index, :, lead:])
+        self._cache = filled_cache(self._DynamicCache, [(k[index.to(k.device), :, lead:], v[index.to(v.device), :, lead:])
                                                         for k, v, *_ in self._cache])

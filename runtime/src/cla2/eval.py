@@ -152,8 +152,8 @@ class Scorer:
         self.decoder = model.get_decoder()
         self.cache_kw = cache_kwarg(self.decoder)
         self.DynamicCache = DynamicCache
-        letters = torch.tensor(letter_token_ids(tokenizer), device=device)  # [4, 2]
         head = model.get_output_embeddings().weight
+        letters = torch.tensor(letter_token_ids(tokenizer), device=head.device)  # [4, 2]
         # Only the 8 rows of the output layer that matter: the logits of the letters, nothing else.
         self.head = head[letters.flatten()].float()  # [8, hidden]
         self.forwards = 0
@@ -190,9 +190,10 @@ class Scorer:
             cache = filled_cache(self.DynamicCache, [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
                                                      for k, v in prefix_kv])
             hidden, _ = self._run(ids, cache, shared)
-            last = hidden[torch.arange(n, device=self.device),
-                          torch.tensor([len(t) - 1 for t in tails], device=self.device)]
-            scores = (last.float() @ self.head.T).view(n, 4, 2).sum(-1).cpu()
+            # On a replica split over devices the hidden states leave the last layer's device.
+            last = hidden[torch.arange(n, device=hidden.device),
+                          torch.tensor([len(t) - 1 for t in tails], device=hidden.device)]
+            scores = (last.float().to(self.head.device) @ self.head.T).view(n, 4, 2).sum(-1).cpu()
             for row, i in enumerate(idx):
                 s = scores[row].tolist()
                 results[i] = (CHOICES[max(range(4), key=lambda j: s[j])], s)
@@ -251,6 +252,7 @@ def main(
     do_test: bool = False,
     batch_size: int = 16,
     device: str | None = None,
+    devices: list[int] | None = None,
     dtype: str | None = None,
     overwrite: bool = False,
 ) -> dict:
@@ -271,6 +273,8 @@ def main(
         do_test: C-Eval: also predict the test split (no answers) and put those predictions in submission.json.
         batch_size: Questions scored together.
         device: mlu, cuda or cpu (default: the best available).
+        devices: Device indices of this replica, e.g. 0,1: the layers are spread over them (default: the
+            plan's first group, as few devices as the model fits on; see `cla2 plan`).
         dtype: fp32, fp16, bf16 or auto.
         overwrite: Replace a non-empty OUT.
     """
@@ -315,8 +319,12 @@ def main(
         test = read_csv(bench.path(data, s, "test"), bench, need_answer=False) if tests else []
         sets[s] = (rows, dev, test)
 
-    net, tokenizer, torch_device = load_model(model, adapter, device, dtype)
-    scorer = Scorer(net, tokenizer, torch_device, batch_size=batch_size)
+    from cla2 import plan
+
+    placement, replica = plan.for_inference("eval", model, device, dtype, devices, batch_size)
+    net, tokenizer, torch_device = load_model(model, adapter, device, dtype, replica,
+                                              [s.layers for s in placement.shares])
+    scorer = Scorer(net, tokenizer, torch_device, batch_size=placement.batch)
     per_subject: dict[str, tuple[int, int]] = {}
     predictions: dict[str, dict[str, str]] = {}
     test_predictions: dict[str, dict[str, str]] = {}
@@ -347,7 +355,9 @@ def main(
     run = {"command": "eval", "benchmark": benchmark,
            "args": {"model": str(model), "adapter": str(adapter) if adapter else None, "data": str(data),
                     "out": str(out), "shots": shots, "with_prompt": with_prompt, "subjects": chosen,
-                    "do_test": do_test, "batch_size": batch_size, "device": device, "dtype": dtype},
+                    "do_test": do_test, "batch_size": batch_size, "device": device, "devices": devices,
+                    "dtype": dtype},
+           "plan": placement.to_json(),
            "versions": {"cla2": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                         "python": platform.python_version()},
            "device": str(torch_device), "dtype": str(next(net.parameters()).dtype),

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from cla2 import plan
 from cla2.engine import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_REPETITION_PENALTY,
@@ -67,6 +68,7 @@ def main(
     output: Path,
     adapter: Path | None = None,
     device: str | None = None,
+    devices: list[int] | None = None,
     dtype: str | None = None,
     batch_size: int = 8,
     with_prompt: bool = True,
@@ -92,8 +94,10 @@ def main(
         output: JSONL file to write (refused if it exists, unless --overwrite).
         adapter: LoRA adapter folder, merged at load time.
         device: mlu, cuda or cpu (default: the best available).
+        devices: Device indices of this replica, e.g. 0,1: the layers are spread over them (default: the
+            plan's first group, as few devices as the model fits on; see `cla2 plan`).
         dtype: fp32, fp16, bf16 or auto.
-        batch_size: Prompts decoded together.
+        batch_size: Prompts decoded together (cut to what the plan finds room for).
         with_prompt: Wrap 'instruction' records in the Alpaca-2 chat template.
         system_prompt: System prompt of the template.
         temperature: Sampling temperature; 0 is greedy.
@@ -111,9 +115,12 @@ def main(
     if output.exists() and not overwrite:
         raise FileExistsError(f"output file {output} exists: choose another --output or pass --overwrite")
     records, prompts = read_prompts(input, with_prompt, system_prompt)
+    placement, replica = plan.for_inference("generate", model, device, dtype, devices, batch_size)
+    batch_size = placement.batch
     engine = Engine.from_pretrained(model, adapter=adapter, device=device, dtype=dtype,
                                     max_batch_size=batch_size, truncate=truncate,
-                                    decode_graphs=decode_graphs)
+                                    decode_graphs=decode_graphs, devices=replica,
+                                    layer_groups=[s.layers for s in placement.shares])
     try:
         params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                                  repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,

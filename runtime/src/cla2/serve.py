@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cla2 import plan
 from cla2.engine import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_REPETITION_PENALTY,
@@ -383,6 +384,7 @@ def main(
     port: int = DEFAULT_PORT,
     api_key: str | None = None,
     device: str | None = None,
+    devices: list[int] | None = None,
     dtype: str | None = None,
     max_batch_size: int = 8,
     model_name: str | None = None,
@@ -403,8 +405,10 @@ def main(
         port: Port to listen on.
         api_key: Clients must send 'Authorization: Bearer KEY'. Also read from the CLA2_API_KEY variable.
         device: mlu, cuda or cpu (default: the best available).
+        devices: Device indices of this replica, e.g. 0,1: the layers are spread over them (default: the
+            plan's first group, as few devices as the model fits on; see `cla2 plan`).
         dtype: fp32, fp16, bf16 or auto.
-        max_batch_size: Requests decoded together in one batch.
+        max_batch_size: Requests decoded together in one batch (cut to what the plan finds room for).
         model_name: Name in /v1/models and the responses (default: the model folder's name).
         truncate: Cut over-long prompts from the left instead of refusing them.
         decode_graphs: Decode a request that runs alone through a static KV cache and a CUDA graph (torch.compile;
@@ -421,11 +425,13 @@ def main(
     if not Path(model).is_dir():
         raise FileNotFoundError(f"model folder {model} does not exist")
     name = model_name or Path(model).resolve().name
+    placement, replica = plan.for_inference("serve", model, device, dtype, devices, max_batch_size)
 
     def loader() -> Engine:
         return Engine.from_pretrained(model, adapter=adapter, device=device, dtype=dtype,
-                                      max_batch_size=max_batch_size, name=name, truncate=truncate,
-                                      decode_graphs=decode_graphs)
+                                      max_batch_size=placement.batch, name=name, truncate=truncate,
+                                      decode_graphs=decode_graphs, devices=replica,
+                                      layer_groups=[s.layers for s in placement.shares])
 
     app = create_app(model_name=name, api_key=api_key, web=web, loader=loader)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
