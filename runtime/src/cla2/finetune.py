@@ -29,9 +29,9 @@ def main(
     lora_dropout: float = 0.05,
     lora_targets: tuple[str, ...] = training.LORA_TARGETS,
     modules_to_save: tuple[str, ...] = training.MODULES_TO_SAVE,
-    deepspeed: str | None = None,
+    deepspeed: str | None = "auto",
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto",
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool | None = None,
     group_by_length: bool = True,
     save_steps: int = 200,
     save_total_limit: int = 3,
@@ -57,7 +57,7 @@ def main(
         tokenizer: Tokenizer folder, if not the model's; its size must equal the model's vocabulary.
         max_steps: Optimizer steps to train; overrides --epochs when > 0.
         epochs: Passes over the data (used when --max-steps is not given).
-        batch_size: Examples per device per step.
+        batch_size: Examples per device per step (halved, and the accumulation doubled, until the plan fits it).
         gradient_accumulation_steps: Micro-batches accumulated per optimizer step.
         lr: Peak learning rate (cosine schedule after warm-up).
         warmup_ratio: Fraction of the steps spent warming the learning rate up.
@@ -70,9 +70,11 @@ def main(
         lora_targets: Module names that get LoRA adapters.
         modules_to_save: Modules trained and saved in full (the extended vocabulary's embed_tokens, lm_head).
             Give an empty value to train LoRA only.
-        deepspeed: DeepSpeed ZeRO: zero2 or zero3 (bundled configs with "auto" fields) or a JSON config file.
+        deepspeed: DeepSpeed ZeRO: auto (the stage the plan picks: none, zero2 or zero3; see `cla2 plan`), none,
+            zero2 or zero3 (bundled configs with "auto" fields) or a JSON config file.
         dtype: Training precision: auto (bf16 if the device supports it, else fp16; fp32 on CPU), fp32, fp16, bf16.
-        gradient_checkpointing: Recompute activations in the backward pass (less memory, ~30% slower).
+        gradient_checkpointing: Recompute activations in the backward pass (less memory, ~30% slower; default:
+            on when the plan needs it to fit).
         group_by_length: Batch examples of similar length together (far less padding); --no-group-by-length
             draws random batches.
         save_steps: Save a checkpoint every N steps (and at the last step).

@@ -28,9 +28,9 @@ def main(
     lora_dropout: float = 0.05,
     lora_targets: tuple[str, ...] = training.LORA_TARGETS,
     modules_to_save: tuple[str, ...] = training.MODULES_TO_SAVE,
-    deepspeed: str | None = None,
+    deepspeed: str | None = "auto",
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto",
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool | None = None,
     save_steps: int = 200,
     save_total_limit: int = 3,
     logging_steps: int = 10,
@@ -55,7 +55,7 @@ def main(
         cache_dir: Where tokenized blocks are cached (default $CLA2_CACHE or ~/.cache/cla2).
         max_steps: Optimizer steps to train; overrides --epochs when > 0.
         epochs: Passes over the data (used when --max-steps is not given).
-        batch_size: Blocks per device per step.
+        batch_size: Blocks per device per step (halved, and the accumulation doubled, until the plan fits it).
         gradient_accumulation_steps: Micro-batches accumulated per optimizer step.
         lr: Peak learning rate (cosine schedule after warm-up).
         warmup_ratio: Fraction of the steps spent warming the learning rate up.
@@ -65,9 +65,11 @@ def main(
         lora_dropout: Dropout on the LoRA input.
         lora_targets: Module names that get LoRA adapters.
         modules_to_save: Modules trained and saved in full (embed_tokens, lm_head); empty for LoRA only.
-        deepspeed: DeepSpeed ZeRO: zero2 or zero3 (bundled configs with "auto" fields) or a JSON config file.
+        deepspeed: DeepSpeed ZeRO: auto (the stage the plan picks: none, zero2 or zero3; see `cla2 plan`), none,
+            zero2 or zero3 (bundled configs with "auto" fields) or a JSON config file.
         dtype: Training precision: auto (bf16 if the device supports it, else fp16; fp32 on CPU), fp32, fp16, bf16.
-        gradient_checkpointing: Recompute activations in the backward pass (less memory, ~30% slower).
+        gradient_checkpointing: Recompute activations in the backward pass (less memory, ~30% slower; default:
+            on when the plan needs it to fit).
         save_steps: Save a checkpoint every N steps (and at the last step).
         save_total_limit: Keep at most this many checkpoint-* folders.
         logging_steps: Log the loss every N steps.

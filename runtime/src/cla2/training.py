@@ -63,8 +63,9 @@ def last_checkpoint(out: Path) -> Path | None:
 
 
 def resolve_deepspeed(deepspeed: str | None) -> dict | None:
-    """'zero2' / 'zero3' -> the bundled config; a path -> that JSON file; None -> no DeepSpeed."""
-    if not deepspeed:
+    """'zero2' / 'zero3' -> the bundled config; a path -> that JSON file; None, 'none' (or 'auto', which the
+    plan resolves first) -> no DeepSpeed."""
+    if not deepspeed or deepspeed in ("none", "auto"):
         return None
     if deepspeed in ("zero2", "zero3"):
         path = CONFIGS / f"ds_{deepspeed}.json"
@@ -202,6 +203,40 @@ def adapter_state(model, zero3: bool) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in named}
 
 
+def plan_run(job: str, model: Path, dev: Device, torch_dtype: torch.dtype, world_size: int, deepspeed: str | None,
+             ds_config: dict | None, gradient_checkpointing: bool | None, batch_size: int,
+             gradient_accumulation_steps: int, seq_len: int, lora_rank: int, lora_targets: Sequence[str],
+             modules_to_save: Sequence[str]):
+    """The placement plan of this rank (``cla2 plan``): the ZeRO stage when --deepspeed is auto, gradient
+    checkpointing when not given, and the micro-batch that fits; refuses, with the numbers, a run that
+    does not fit one device. Each rank plans alike from the same inputs, so they agree."""
+    from cla2 import plan
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    memory = dev.memory()
+    if dev.kind == "cpu":  # the ranks of one host share its memory
+        device_memory = memory[0]["total"] // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    else:
+        device_memory = memory[min(local_rank, len(memory) - 1)]["total"]
+    if deepspeed == "auto":
+        stage = None
+    elif ds_config is None:
+        stage = 0
+    else:  # ZeRO-1 partitions less than ZeRO-2: plan it as 2, the nearest the plan knows
+        stage = {0: 0, 1: 2, 2: 2, 3: 3}.get(int(ds_config.get("zero_optimization", {}).get("stage", 0)), 3)
+    # On the CPU the frozen base stays in fp32 (and autocasts), as loaded below.
+    dtype = torch_dtype if dev.kind != "cpu" else torch.float32
+    try:
+        return plan.plan_training(
+            job, plan.read_shape(model), device_memory, world_size, torch.tensor([], dtype=dtype).element_size(),
+            str(dtype).replace("torch.", ""), dev.kind, seq_len=seq_len, batch=batch_size,
+            gradient_accumulation_steps=gradient_accumulation_steps, lora_rank=lora_rank,
+            lora_targets=tuple(lora_targets), modules_to_save=tuple(modules_to_save), zero_stage=stage,
+            gradient_checkpointing=gradient_checkpointing)
+    except plan.PlanError as exc:
+        raise TrainingSetupError(str(exc)) from None
+
+
 # --------------------------------------------------------------------------------------- the run
 def run_options(args: dict) -> dict:
     """The flags of a job that ``run`` takes as parameters (the job's own, e.g. --data, stay in ``args``)."""
@@ -231,7 +266,7 @@ def run(
     modules_to_save: Sequence[str],
     deepspeed: str | None,
     dtype: str,
-    gradient_checkpointing: bool,
+    gradient_checkpointing: bool | None,
     group_by_length: bool,
     save_steps: int,
     save_total_limit: int,
@@ -252,16 +287,25 @@ def run(
     settings = {k: _jsonable(v) for k, v in args.items() if not k.startswith("_")}
     resume_from = check_out(out, job, resume, overwrite, settings)
     ds_config = resolve_deepspeed(deepspeed)
+    check_loadable(model)  # a folder without weights, or weights transformers won't read, fail here
+    if not (model / "config.json").exists():
+        raise FileNotFoundError(f"model folder {model} has no config.json: point --model at a Hugging Face model folder")
+    placement = plan_run(job, model, dev, torch_dtype, world_size, deepspeed, ds_config, gradient_checkpointing,
+                         batch_size, gradient_accumulation_steps, int(args.get("max_seq_length") or args.get("block_size")
+                                                                      or 1024), lora_rank, lora_targets, modules_to_save)
+    if rank == 0:
+        print(placement.summary(), flush=True)
+    if deepspeed == "auto":
+        ds_config = resolve_deepspeed(placement.deepspeed)
+    gradient_checkpointing = placement.gradient_checkpointing
+    batch_size, gradient_accumulation_steps = placement.micro_batch, placement.gradient_accumulation_steps
     zero3 = bool(ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3)
     if ds_config is not None and dev.kind == "cpu":
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a C++ build, minutes, needing a
         # compiler in the container) when it starts; CPU runs are tests and sandboxes, gloo alone does.
-        import deepspeed.ops
+        import deepspeed.ops as ds_ops
 
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    check_loadable(model)  # a folder without weights, or weights transformers won't read, fail here
-    if not (model / "config.json").exists():
-        raise FileNotFoundError(f"model folder {model} has no config.json: point --model at a Hugging Face model folder")
+        ds_ops.__compatible_ops__["deepspeed_shm_comm"] = False
     tok_dir = Path(tokenizer) if tokenizer else model
     tok = AutoTokenizer.from_pretrained(tok_dir)
     check_vocab(tok, tok_dir, model)
@@ -312,6 +356,7 @@ def run(
         "tokenizer": str(tok_dir.resolve()), "vocab_size": len(tok), "device": dev.kind,
         "dtype": str(torch_dtype).replace("torch.", ""), "world_size": world_size, "deepspeed": ds_config,
         "data": data_info, "versions": versions(), "resumed_from": str(resume_from) if resume_from else None,
+        "plan": placement.to_json(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
     }
     if rank == 0:
