@@ -713,15 +713,27 @@ class Engine:
             self._leave_static()
         old_len = self._mask.shape[1]
         total = max(old_len, new_len)
-        layers = []
-        for (k, v, *_), (nk, nv, *_) in zip(self._cache, cache, strict=True):
-            layers.append((torch.cat([_pad_left(k, total - old_len), _pad_left(nk, total - new_len)]),
-                           torch.cat([_pad_left(v, total - old_len), _pad_left(nv, total - new_len)])))
-        self._cache = filled_cache(self._DynamicCache, layers)
+        joining = [(nk, nv) for nk, nv, *_ in cache]
+        self._cache = self._rebuilt(lambda i, k, v: (
+            torch.cat([_pad_left(k, total - old_len), _pad_left(joining[i][0], total - new_len)]),
+            torch.cat([_pad_left(v, total - old_len), _pad_left(joining[i][1], total - new_len)])))
         pad = lambda m, n: torch.cat([m.new_zeros(m.shape[0], n), m], dim=1)  # noqa: E731
         self._mask = torch.cat([pad(self._mask, total - old_len), pad(new_mask, total - new_len)])
         self._active.append(req)
         self.max_running = max(self.max_running, len(self._active))
+
+    def _rebuilt(self, change: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
+        """The batch's cache with ``change(layer, keys, values)`` applied to every layer, letting go of each
+        old layer as soon as its new one exists: a join or a leave then needs one layer's worth of memory
+        beyond the cache, not a second copy of all of it (the plan budgets the KV cache once)."""
+        old = [(k, v) for k, v, *_ in self._cache]
+        self._cache = None
+        layers = []
+        for i in range(len(old)):
+            (k, v), old[i] = old[i], None
+            layers.append(change(i, k, v))
+            del k, v
+        return filled_cache(self._DynamicCache, layers)
 
     # ---- the static path: one request alone ------------------------------------------------------------
 
@@ -824,5 +836,4 @@ class Engine:
         # Drop the columns that are padding for every remaining row.
         lead = int((self._mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())
         self._mask = self._mask[:, lead:]
-        self._cache = filled_cache(self._DynamicCache, [(k[index.to(k.device), :, lead:], v[index.to(v.device), :, lead:])
-                                                        for k, v, *_ in self._cache])
+        self._cache = self._rebuilt(lambda i, k, v: (k[index.to(k.device), :, lead:], v[index.to(v.device), :, lead:]))
