@@ -56,11 +56,16 @@ class Device:
         return self.module.device_count() if self.module else 1
 
     def torch_device(self, index: int | None = None) -> torch.device:
+        """The torch device that tensors of card ``index`` (default: LOCAL_RANK) go to."""
         if self.kind == "cpu":
             return torch.device("cpu")
         if index is None:
             index = int(os.environ.get("LOCAL_RANK", "0"))
-        return torch.device(self.kind, index)
+        # The one seam for a test double: a device module that declares where its tensors live is asked
+        # (runtime/tests/doubles/torch_mlu keeps them on the CPU). The real torch_mlu and torch.cuda declare
+        # nothing, so tensors go to torch.device(kind, index). Nothing else in cla2 knows of the double.
+        declared = getattr(self.module, "tensor_device", None)
+        return declared(index) if declared else torch.device(self.kind, index)
 
     def set_device(self, index: int) -> None:
         if self.module:
