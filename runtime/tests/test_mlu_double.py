@@ -1,0 +1,240 @@
+"""The MLU branch of cla2, run for real through the torch_mlu TEST DOUBLE (tests/doubles/torch_mlu).
+
+Each test runs in a subprocess that has the double on PYTHONPATH and the simulated host in its environment
+(CLA2_FAKE_MLU_*, MLU_VISIBLE_DEVICES), so neither torch.mlu, the cncl backend nor the cache of
+cla2.device.pick leaks into the other tests. The double keeps tensors on the CPU and says so through
+torch.mlu.tensor_device, the one seam in cla2.device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+DOUBLES = Path(__file__).resolve().parent / "doubles"
+GIB = 1024**3
+# What the parent's environment must not leak into a simulated host or a launch.
+_SCRUBBED = ("MLU_VISIBLE_DEVICES", "CLA2_DEVICE", "DS_ACCELERATOR", "LOCAL_RANK", "RANK", "WORLD_SIZE",
+             "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def double_env(**fake: str) -> dict:
+    """This process's environment with the double first on PYTHONPATH and the given CLA2_FAKE_MLU_* etc."""
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED and not k.startswith("CLA2_FAKE_MLU")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(DOUBLES), env.get("PYTHONPATH")) if p)
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env.update(fake)
+    return env
+
+
+def run_with_double(args: list[str], timeout: int = 120, **fake: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                          env=double_env(**fake))
+
+
+def python_json(code: str, **fake: str):
+    """Run ``code`` under the double; it prints one JSON document last."""
+    p = run_with_double(["-c", textwrap.dedent(code)], **fake)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("bf16, auto", [("0", "float16"), ("1", "bfloat16")])
+def test_pick_chooses_mlu_through_the_double(bf16, auto):
+    got = python_json("""
+        import json, torch, torch_mlu
+        from cla2 import device
+        dev = device.pick()
+        def dtype(name):
+            try:
+                return str(device.parse_dtype(name, dev)).replace("torch.", "")
+            except device.DeviceError as e:
+                return "refused: " + str(e)
+        try:
+            torch.zeros(1).to("mlu:0")
+            stray = "moved"
+        except RuntimeError as e:
+            stray = str(e)
+        print(json.dumps({
+            "double": torch_mlu.__file__, "kind": dev.kind, "backend": dev.backend, "env": dev.visible_devices_env,
+            "count": dev.count, "memory": dev.memory(), "name": dev.name(15),
+            "devices": [str(dev.torch_device(i)) for i in (0, 15)], "default": str(dev.torch_device()),
+            "dtypes": {n: dtype(n) for n in ("auto", "fp16", "bf16", "fp32")}, "stray": stray}))
+        """, CLA2_FAKE_MLU_COUNT="16", CLA2_FAKE_MLU_MEMORY="24GiB", CLA2_FAKE_MLU_BF16=bf16, LOCAL_RANK="3")
+    assert got["double"].startswith(str(DOUBLES))
+    assert (got["kind"], got["backend"], got["env"], got["count"]) == ("mlu", "cncl", "MLU_VISIBLE_DEVICES", 16)
+    assert got["memory"] == [{"index": i, "total": 24 * GIB, "free": 24 * GIB} for i in range(16)]
+    assert got["name"] == "MLU370-X8 (test double, physical 15)"
+    # The seam: the double's tensors live on the CPU, whatever the index.
+    assert got["devices"] == ["cpu", "cpu"] and got["default"] == "cpu"
+    assert got["dtypes"]["auto"] == auto and got["dtypes"]["fp16"] == "float16" and got["dtypes"]["fp32"] == "float32"
+    if bf16 == "1":
+        assert got["dtypes"]["bf16"] == "bfloat16"
+    else:
+        assert got["dtypes"]["bf16"] == "refused: dtype bf16 is not supported on mlu: use one of fp32, fp16"
+    # Code that names "mlu" on its own, going around cla2.device, fails: no test passes by accident.
+    assert "device string: mlu" in got["stray"]
+
+
+def test_no_visible_mlu_falls_back_and_mlu_asked_for_fails_clearly():
+    got = python_json("""
+        import json, torch, torch_mlu
+        from cla2 import device
+        try:
+            device.pick("mlu")
+            err = None
+        except device.DeviceError as e:
+            err = str(e)
+        print(json.dumps({"available": torch.mlu.is_available(), "auto": device.pick().kind, "error": err}))
+        """, CLA2_FAKE_MLU_COUNT="16", MLU_VISIBLE_DEVICES="")
+    assert got["available"] is False
+    assert got["auto"] in ("cuda", "cpu")
+    assert got["error"].startswith("--device mlu asked for, but torch_mlu is not importable or sees no MLU card")
+
+
+@pytest.mark.parametrize("visible, physical", [(None, list(range(16))), ("2,3", [2, 3])])
+def test_cla2_env_reports_the_simulated_host(visible, physical):
+    fake = {"CLA2_FAKE_MLU_COUNT": "16", "CLA2_FAKE_MLU_MEMORY": "24GiB", "CLA2_FAKE_MLU_BF16": "0"}
+    if visible is not None:
+        fake["MLU_VISIBLE_DEVICES"] = visible
+    p = run_with_double(["-m", "cla2", "env", "--device", "mlu", "--json"], **fake)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = json.loads(p.stdout)
+    assert (rep["device"], rep["backend"], rep["count"]) == ("mlu", "cncl", len(physical))
+    assert rep["torch_mlu"] == "0.0.0+testdouble"
+    assert [m["total"] for m in rep["memory"]] == [24 * GIB] * len(physical)
+    assert [m["index"] for m in rep["memory"]] == list(range(len(physical)))
+    assert rep["names"] == [f"MLU370-X8 (test double, physical {i})" for i in physical]
+    assert rep["dtypes"] == {"fp32": True, "fp16": True, "bf16": False}
+
+
+def test_the_double_reads_the_host_as_the_driver_does():
+    """MLU_VISIBLE_DEVICES selects and renumbers; sizes per device; free memory; bad input is refused."""
+    got = python_json("""
+        import json, torch, torch_mlu
+        from torch_mlu import mlu
+        from cla2 import device
+        dev = device.pick("mlu")
+        out = {"memory": dev.memory(), "names": [dev.name(i) for i in range(dev.count)]}
+        dev.set_device(1)
+        out["current"] = torch.mlu.current_device()
+        try:
+            torch.mlu.mem_get_info(2)
+        except RuntimeError as e:
+            out["beyond"] = str(e)
+        phys = mlu.physical_devices({"CLA2_FAKE_MLU_COUNT": "4"})
+        out["visible"] = {spec: [d["physical"] for d in mlu.visible_devices(phys, {"MLU_VISIBLE_DEVICES": spec})]
+                          for spec in ("1,7,0", "2,2,3", "", "x", " 3 , 0")}
+        out["all"] = len(mlu.visible_devices(phys, {}))
+        out["sizes"] = [mlu.parse_size(s) for s in ("512MiB", "1.5GB", "2g", "1024")]
+        out["count_from_list"] = len(mlu.physical_devices({"CLA2_FAKE_MLU_MEMORY": "1GiB,2GiB,3GiB"}))
+        errors = []
+        for env in ({"CLA2_FAKE_MLU_MEMORY": "24 parsecs"}, {"CLA2_FAKE_MLU_COUNT": "3", "CLA2_FAKE_MLU_MEMORY": "1G,2G"}):
+            try:
+                mlu.physical_devices(env)
+            except ValueError as e:
+                errors.append(str(e))
+        out["errors"] = errors
+        print(json.dumps(out))
+        """, CLA2_FAKE_MLU_COUNT="4", CLA2_FAKE_MLU_MEMORY="8GiB,16GiB,24GiB,32GiB",
+        CLA2_FAKE_MLU_FREE="1GiB,2GiB,3GiB,40GiB", MLU_VISIBLE_DEVICES="3,1", CLA2_FAKE_MLU_NAME="MLU370-S4")
+    assert got["memory"] == [{"index": 0, "total": 32 * GIB, "free": 32 * GIB},  # free is capped at the total
+                             {"index": 1, "total": 16 * GIB, "free": 2 * GIB}]
+    assert got["names"] == ["MLU370-S4 (test double, physical 3)", "MLU370-S4 (test double, physical 1)"]
+    assert got["current"] == 1
+    assert "invalid device ordinal 2: 2 visible" in got["beyond"]
+    assert got["visible"] == {"1,7,0": [1], "2,2,3": [2], "": [], "x": [], " 3 , 0": [3, 0]}
+    assert got["all"] == 4
+    assert got["sizes"] == [512 * 1024**2, 1_500_000_000, 2 * GIB, 1024]
+    assert got["count_from_list"] == 3
+    assert "cannot read the size '24 parsecs'" in got["errors"][0]
+    assert "lists 2 sizes for 3 devices" in got["errors"][1]
+
+
+ALL_REDUCE = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+from cla2 import device
+
+dev = device.pick()
+local_rank = int(os.environ["LOCAL_RANK"])
+dev.set_device(local_rank)
+dist.init_process_group(backend=dev.backend)
+rank, world = dist.get_rank(), dist.get_world_size()
+value = torch.tensor([float(rank + 1)], device=dev.torch_device())
+dist.all_reduce(value)
+current = [None] * world
+dist.all_gather_object(current, torch.mlu.current_device())
+dist.barrier()
+record = {"kind": dev.kind, "backend": dist.get_backend(), "world": world, "sum": value.item(),
+          "current": current, "tensor_device": str(value.device), "count": dev.count}
+with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+    json.dump(record, f)
+dist.destroy_process_group()
+"""
+
+
+def test_torchrun_two_ranks_all_reduce_over_cncl(tmp_path):
+    """Two real processes under torchrun: cla2.device picks mlu, each rank sets its device from LOCAL_RANK and
+    joins a cncl process group (gloo under the double), and an all_reduce adds across them."""
+    script = tmp_path / "all_reduce.py"
+    script.write_text(ALL_REDUCE, encoding="utf-8")
+    p = run_with_double(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                         "--master-port", str(free_port()), str(script), str(tmp_path)], timeout=180,
+                        CLA2_FAKE_MLU_COUNT="2", CLA2_FAKE_MLU_MEMORY="24GiB", OMP_NUM_THREADS="1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rec in records:
+        assert rec == {"kind": "mlu", "backend": "cncl", "world": 2, "sum": 3.0, "current": [0, 1],
+                       "tensor_device": "cpu", "count": 2}
+
+
+def test_generate_runs_on_mlu_through_the_double(tiny_model_small_tok, tmp_path):
+    """`cla2 generate --device mlu` end to end: the model goes where cla2.device says (the seam), in the dtype
+    the double's card supports (fp16 when bf16 is off)."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"instruction": "你好", "id": 1}\n{"prompt": "从前有座山", "id": 2}\n', encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    p = run_with_double(["-m", "cla2", "generate", "--model", str(tiny_model_small_tok), "--input", str(src),
+                         "--output", str(out), "--device", "mlu", "--max-new-tokens", "6", "--temperature", "0"],
+                        CLA2_FAKE_MLU_COUNT="2", CLA2_FAKE_MLU_BF16="0")
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert [x["id"] for x in lines] == [1, 2]
+    assert all(0 < x["completion_tokens"] <= 6 and x["prompt_tokens"] > 0 for x in lines)
+
+
+def test_finetune_on_mlu_through_the_double(tiny_model_small_tok, tmp_path):
+    """`cla2 finetune --device mlu` through the double. transformers' Trainer (through accelerate) picks its
+    device by itself when torch_mlu imports: torch.device("mlu:0"), or "mlu:LOCAL_RANK" under torchrun; that is
+    right on a card, and what the double cannot hold. Until training.py hands the Trainer the device of
+    cla2.device (use_cpu when dev.torch_device() is the CPU, and what follows from it), this is an expected
+    failure for that reason only: any other failure fails the test, and a pass means the xfail can go."""
+    data = tmp_path / "sft.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"问题{i}", "input": "", "output": f"答案{i}" * 3},
+                                         ensure_ascii=False) for i in range(4)), encoding="utf-8")
+    out = tmp_path / "run"
+    p = run_with_double(["-m", "cla2", "finetune", "--model", str(tiny_model_small_tok), "--data", str(data),
+                         "--out", str(out), "--max-steps", "1", "--batch-size", "1", "--lora-rank", "4",
+                         "--lora-alpha", "8", "--device", "mlu"], timeout=300,
+                        CLA2_FAKE_MLU_COUNT="2", CLA2_FAKE_MLU_BF16="0")
+    if p.returncode != 0 and "device type at start of device string: mlu" in p.stderr:
+        pytest.xfail("Trainer/accelerate place the model on 'mlu:N' themselves (training.py passes "
+                     "use_cpu=dev.kind == 'cpu')")
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["device"] == "mlu" and run["metrics"]["global_step"] == 1
