@@ -176,7 +176,7 @@ def test_unknown_memory_is_a_notice_before_the_driver_and_a_problem_after():
     before = pf.preflight_device_memory(absent, [A13B], RESERVE, 0.9, False)
     assert before["state"] == "unknown" and before["ok"] and before["message"] == ""
     assert before["notice"].startswith("device memory unknown yet: cnmon not found on the host")
-    assert "checked after mlu_driver installs the driver" in before["notice"]
+    assert "Not checked until the driver is installed: the gate right after mlu_driver" in before["notice"]
     assert "chinese-alpaca-2-13b needs 15397483648 bytes = 14.3 GiB on each of 2 device(s) per replica" in before["notice"]
     assert pf.preflight_device_memory_summary(before) == (
         "device memory unknown yet: cnmon not found on the host (it comes with the MLU driver)")

@@ -184,8 +184,9 @@ def preflight_device_memory(
             )
         else:
             answer["notice"] = (
-                f"device memory unknown yet: {answer['error']}. Not checked now: it is checked after mlu_driver "
-                f"installs the driver (preflight's device_memory entry point). {needs}"
+                f"device memory unknown yet: {answer['error']}. Not checked until the driver is installed: the gate "
+                f"right after mlu_driver (preflight's device_memory entry point) checks it, except in check mode, "
+                f"where nothing is installed. {needs}"
             )
         return answer
 
