@@ -31,10 +31,9 @@ import torch
 def main() -> int:
     if not torch.cuda.is_available():
         sys.exit("bench/gpu_split.py needs a CUDA GPU")
-    from transformers import AutoModelForCausalLM
-
     from cla2 import plan, tiny
     from cla2.engine import Engine, SamplingParams, _load_split, load_model
+    from transformers import AutoModelForCausalLM
 
     failures = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -84,7 +84,7 @@ def run_case(case: str, model: Path, batch: int, context: int, work: Path) -> di
     rt = REPO / ".venv-runtime" / "bin" / "python"
     python = str(rt) if rt.exists() else sys.executable
     out = subprocess.run([python, "-c", CHILD, case, str(model), str(batch), str(context), str(work)],
-                         capture_output=True, text=True, timeout=1800, cwd=work)
+                         check=False, capture_output=True, text=True, timeout=1800, cwd=work)
     if out.returncode != 0:
         sys.exit(f"{case} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -94,8 +94,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="a small model; print the ratios, never fail on them")
     args = ap.parse_args()
-    size = (dict(layers=4, hidden=256, intermediate=688, heads=4, context=256, batch=4) if args.smoke else
-            dict(layers=12, hidden=768, intermediate=2048, heads=12, context=1024, batch=8))
+    size = ({"layers": 4, "hidden": 256, "intermediate": 688, "heads": 4, "context": 256, "batch": 4} if args.smoke else
+            {"layers": 12, "hidden": 768, "intermediate": 2048, "heads": 12, "context": 1024, "batch": 8})
     with tempfile.TemporaryDirectory(prefix="cla2-plan-bench-") as tmp:
         model = Path(tmp) / "model"
         subprocess.run([str(REPO / ".venv-runtime" / "bin" / "cla2"), "tiny", "--out", str(model), "--layers", str(size["layers"]),

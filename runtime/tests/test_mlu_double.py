@@ -219,11 +219,8 @@ def test_generate_runs_on_mlu_through_the_double(tiny_model_small_tok, tmp_path)
 
 
 def test_finetune_on_mlu_through_the_double(tiny_model_small_tok, tmp_path):
-    """`cla2 finetune --device mlu` through the double. transformers' Trainer (through accelerate) picks its
-    device by itself when torch_mlu imports: torch.device("mlu:0"), or "mlu:LOCAL_RANK" under torchrun; that is
-    right on a card, and what the double cannot hold. Until training.py hands the Trainer the device of
-    cla2.device (use_cpu when dev.torch_device() is the CPU, and what follows from it), this is an expected
-    failure for that reason only: any other failure fails the test, and a pass means the xfail can go."""
+    """`cla2 finetune --device mlu`: the Trainer gets cla2.device's placement (the double's tensors live on the
+    CPU), and the plan it ran by (one rank, no DeepSpeed for a tiny model) is in run.json."""
     data = tmp_path / "sft.jsonl"
     data.write_text("\n".join(json.dumps({"instruction": f"问题{i}", "input": "", "output": f"答案{i}" * 3},
                                          ensure_ascii=False) for i in range(4)), encoding="utf-8")
@@ -232,9 +229,102 @@ def test_finetune_on_mlu_through_the_double(tiny_model_small_tok, tmp_path):
                          "--out", str(out), "--max-steps", "1", "--batch-size", "1", "--lora-rank", "4",
                          "--lora-alpha", "8", "--device", "mlu"], timeout=300,
                         CLA2_FAKE_MLU_COUNT="2", CLA2_FAKE_MLU_BF16="0")
-    if p.returncode != 0 and "device type at start of device string: mlu" in p.stderr:
-        pytest.xfail("Trainer/accelerate place the model on 'mlu:N' themselves (training.py passes "
-                     "use_cpu=dev.kind == 'cpu')")
     assert p.returncode == 0, p.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
     assert run["device"] == "mlu" and run["metrics"]["global_step"] == 1
+    assert run["plan"]["world_size"] == 1 and run["plan"]["zero_stage"] == 0 and run["deepspeed"] is None
+    assert run["plan"]["kind"] == "mlu" and run["plan"]["device_memory"] == 24 * GIB
+    assert "plan: finetune" in p.stdout
+
+
+def test_torchrun_launches_a_rank_per_mlu_with_zero3(tiny_model_small_tok, tmp_path):
+    """The launch on the MLU path: torchrun starts one rank per device, each takes its device from LOCAL_RANK,
+    the ranks talk over cncl, and ZeRO-3 (as the seed runs 13B) writes one complete adapter."""
+    pytest.importorskip("deepspeed", reason="deepspeed is part of the runtime's test install (cla2[deepspeed])")
+    data = tmp_path / "sft.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"问题{i}", "input": "", "output": f"答案{i}" * 3},
+                                         ensure_ascii=False) for i in range(8)), encoding="utf-8")
+    out = tmp_path / "run"
+    p = run_with_double(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                         "--master-port", str(free_port()), "-m", "cla2", "finetune", "--model", str(tiny_model_small_tok),
+                         "--data", str(data), "--out", str(out), "--max-steps", "2", "--batch-size", "1",
+                         "--gradient-accumulation-steps", "1", "--lora-rank", "4", "--lora-alpha", "8",
+                         "--deepspeed", "zero3", "--device", "mlu"], timeout=600,
+                        CLA2_FAKE_MLU_COUNT="2", CLA2_FAKE_MLU_BF16="0")
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 2 and run["device"] == "mlu"
+    assert run["plan"]["world_size"] == 2 and run["plan"]["zero_stage"] == 3
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert adapter and all(t.numel() > 0 for t in adapter.values())  # gathered from both ranks, not empty
+
+
+@pytest.fixture(scope="module")
+def split_runs(tiny_model, ceval_dir, tmp_path_factory):
+    """generate, eval and chat through the double, once on --devices 0,1 (the layers split over two simulated
+    MLU devices) and once on --devices 1 alone."""
+    tmp = tmp_path_factory.mktemp("split")
+    src = tmp / "in.jsonl"
+    src.write_text("\n".join(json.dumps({"prompt": p}, ensure_ascii=False)
+                             for p in ["你好", "从前有座山", "a b c", "测试一下" * 5]) + "\n", encoding="utf-8")
+    runs = {}
+    for devices in ("0,1", "1"):
+        fake = {"CLA2_FAKE_MLU_COUNT": "2", "CLA2_FAKE_MLU_BF16": "0"}
+        gen = tmp / f"gen-{devices}.jsonl"
+        g = run_with_double(["-m", "cla2", "generate", "--model", str(tiny_model), "--input", str(src), "--output",
+                             str(gen), "--device", "mlu", "--devices", devices, "--dtype", "fp32", "--max-new-tokens",
+                             "20", "--temperature", "0"], **fake)
+        assert g.returncode == 0, g.stderr[-3000:]
+        ev = tmp / f"eval-{devices}"
+        e = run_with_double(["-m", "cla2", "eval", "ceval", "--model", str(tiny_model), "--data", str(ceval_dir),
+                             "--out", str(ev), "--subjects", "computer_network,law", "--device", "mlu", "--devices",
+                             devices, "--dtype", "fp32"], **fake)
+        assert e.returncode == 0, e.stderr[-3000:]
+        c = subprocess.run([sys.executable, "-m", "cla2", "chat", "--model", str(tiny_model), "--device", "mlu",
+                            "--devices", devices, "--dtype", "fp32", "--temperature", "0", "--max-new-tokens", "15"],
+                           input="你好\n讲个故事\n", capture_output=True, text=True, timeout=120, env=double_env(**fake))
+        assert c.returncode == 0, c.stderr[-3000:]
+        runs[devices] = {"generate": [json.loads(x) for x in gen.read_text(encoding="utf-8").splitlines()],
+                         "eval": json.loads((ev / "take0" / "summary.json").read_text()),
+                         "submission": json.loads((ev / "take0" / "submission.json").read_text()),
+                         "eval_run": json.loads((ev / "run.json").read_text()),
+                         "chat": c.stdout, "logs": g.stderr + e.stderr + c.stderr}
+    return runs
+
+
+def test_a_replica_split_over_two_mlu_devices_answers_as_one_device(split_runs):
+    split, one = split_runs["0,1"], split_runs["1"]
+    assert [r["output"] for r in split["generate"]] == [r["output"] for r in one["generate"]]
+    assert [r["completion_tokens"] for r in split["generate"]] == [r["completion_tokens"] for r in one["generate"]]
+    assert split["eval"] == one["eval"] and split["submission"] == one["submission"]
+    assert split["chat"] == one["chat"] and split["chat"].strip()
+    plan = split["eval_run"]["plan"]
+    assert plan["devices_per_replica"] == 2 and [len(s["layers"]) for s in plan["shares"]] == [1, 1]
+    assert one["eval_run"]["plan"]["devices_per_replica"] == 1
+    assert "1 replica(s) of 2 device(s) (layers 1 + 1)" in split["logs"]
+
+
+def test_devices_that_the_host_lacks_are_refused(tiny_model, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "你好"}\n', encoding="utf-8")
+    for devices, why in (("0,2", "device 2 does not exist; this process sees 2 device(s)"),
+                         ("1,1", "names device 1 twice")):
+        p = run_with_double(["-m", "cla2", "generate", "--model", str(tiny_model), "--input", str(src), "--output",
+                             str(tmp_path / "out.jsonl"), "--device", "mlu", "--devices", devices],
+                            CLA2_FAKE_MLU_COUNT="2")
+        assert p.returncode == 2 and why in p.stderr, p.stderr[-2000:]
+        assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_model_too_big_for_the_devices_is_refused_before_loading(tiny_model, tmp_path):
+    """The plan reads the simulated devices' memory: a model that cannot fit them fails with the numbers."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "你好"}\n', encoding="utf-8")
+    p = run_with_double(["-m", "cla2", "generate", "--model", str(tiny_model), "--input", str(src), "--output",
+                         str(tmp_path / "out.jsonl"), "--device", "mlu", "--dtype", "fp32"],
+                        CLA2_FAKE_MLU_COUNT="2", CLA2_FAKE_MLU_MEMORY="12MiB")
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "does not fit" in p.stderr and "of fp32 weights" in p.stderr and "12 MiB" in p.stderr
+    assert not (tmp_path / "out.jsonl").exists()

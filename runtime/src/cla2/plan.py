@@ -541,7 +541,7 @@ def for_inference(job: str, model: Path, device: str | None, dtype: str | None, 
     seen = visible_devices(device)
     chosen = check_devices(devices, seen.count)
     shape = read_shape(model)
-    name = str(torch_dtype).replace("torch.", "")
+    name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(torch_dtype, str(torch_dtype))
     size = torch.tensor([], dtype=torch_dtype).element_size()
     if chosen is not None:
         group = Devices(seen.kind, tuple(seen.memory[d] for d in chosen))

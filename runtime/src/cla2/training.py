@@ -225,7 +225,7 @@ def plan_run(job: str, model: Path, dev: Device, torch_dtype: torch.dtype, world
     else:  # ZeRO-1 partitions less than ZeRO-2: plan it as 2, the nearest the plan knows
         stage = {0: 0, 1: 2, 2: 2, 3: 3}.get(int(ds_config.get("zero_optimization", {}).get("stage", 0)), 3)
     # On the CPU the frozen base stays in fp32 (and autocasts), as loaded below.
-    dtype = torch_dtype if dev.kind != "cpu" else torch.float32
+    dtype = torch_dtype if dev.torch_device().type != "cpu" else torch.float32
     try:
         return plan.plan_training(
             job, plan.read_shape(model), device_memory, world_size, torch.tensor([], dtype=dtype).element_size(),
@@ -300,7 +300,9 @@ def run(
     gradient_checkpointing = placement.gradient_checkpointing
     batch_size, gradient_accumulation_steps = placement.micro_batch, placement.gradient_accumulation_steps
     zero3 = bool(ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3)
-    if ds_config is not None and dev.kind == "cpu":
+    # Where the tensors live: the CPU for --device cpu (and for a CPU-backed test double of a device).
+    on_cpu = dev.torch_device().type == "cpu"
+    if ds_config is not None and on_cpu:
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a C++ build, minutes, needing a
         # compiler in the container) when it starts; CPU runs are tests and sandboxes, gloo alone does.
         import deepspeed.ops as ds_ops
@@ -326,8 +328,9 @@ def run(
         logging_first_step=True, save_strategy="steps", save_steps=save_steps, save_total_limit=save_total_limit,
         bf16=torch_dtype == torch.bfloat16, fp16=torch_dtype == torch.float16, gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
-        deepspeed=ds_config, use_cpu=dev.kind == "cpu",
-        ddp_backend=dev.backend if world_size > 1 else None, ddp_find_unused_parameters=False, seed=seed,
+        deepspeed=ds_config, use_cpu=on_cpu,
+        # on the CPU accelerate takes gloo itself (and refuses any other backend)
+        ddp_backend=dev.backend if world_size > 1 and not on_cpu else None, ddp_find_unused_parameters=False, seed=seed,
         data_seed=seed, report_to=[], remove_unused_columns=False, label_names=["labels"],
         dataloader_num_workers=0, save_safetensors=True, disable_tqdm=rank != 0,
     )
@@ -338,15 +341,17 @@ def run(
 
         ds.init_distributed(dist_backend=dev.backend)
     # Accelerators hold the frozen base in the training dtype; CPU keeps fp32 and autocasts.
-    base = load_pretrained(AutoModelForCausalLM, model, torch_dtype if dev.kind != "cpu" else torch.float32)
+    base = load_pretrained(AutoModelForCausalLM, model, torch_dtype if not on_cpu else torch.float32)
     if gradient_checkpointing:
         base.enable_input_require_grads()
     peft_model = _peft(base, lora_rank, lora_alpha, lora_dropout, lora_targets, modules_to_save)
-    if ds_config is None:
-        # Trainable tensors (LoRA, full embed_tokens / lm_head) in fp32: AdamW and the fp16 grad scaler need it.
-        for p in peft_model.parameters():
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
+    # Trainable tensors (LoRA, full embed_tokens / lm_head): in fp32 without DeepSpeed, as AdamW and the
+    # fp16 grad scaler need; in the model's dtype under DeepSpeed, which keeps the fp32 master copies itself
+    # and whose ZeRO-3 refuses a mix (peft leaves LoRA in fp32 beside fp16 copies of embed_tokens / lm_head).
+    trainable_dtype = torch.float32 if ds_config is None else base.dtype
+    for p in peft_model.parameters():
+        if p.requires_grad and p.dtype != trainable_dtype:
+            p.data = p.data.to(trainable_dtype)
     if rank == 0:
         peft_model.print_trainable_parameters()
 
@@ -372,7 +377,7 @@ def run(
 
     from cla2.data import LengthGroupedSampler, PadCollator
 
-    collator = PadCollator(pad_id, pad_to_multiple_of=8 if dev.kind != "cpu" else None)
+    collator = PadCollator(pad_id, pad_to_multiple_of=8 if not on_cpu else None)
     class _Trainer(Trainer):
         def _get_train_sampler(self, *a, **kw):
             lengths = getattr(self.train_dataset, "lengths", None)

@@ -66,8 +66,15 @@ def _register_cncl() -> None:
         dist.Backend.register_backend("cncl", make_gloo)
 
 
+def _module_mlu(self, device=None):
+    """``nn.Module.mlu()``, which the real torch_mlu adds as torch adds ``.cuda()`` (accelerate's dispatch_model
+    wraps it when an MLU is there): moves the module to where the double's tensors live."""
+    return self.to(mlu.tensor_device(device if isinstance(device, int) else None))
+
+
 if getattr(torch, "mlu", None) is not mlu:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.mlu = mlu
     sys.modules["torch.mlu"] = mlu
+    torch.nn.Module.mlu = _module_mlu
     _register_cncl()
