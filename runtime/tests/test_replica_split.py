@@ -102,3 +102,29 @@ def test_eval_scores_equal_one_device(tiny_model, ceval_dir):
     assert [letter for letter, _ in split] == [letter for letter, _ in single]
     for (_, a), (_, b) in zip(split, single, strict=True):
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+
+
+def test_an_adapter_merges_into_a_split_replica(tiny_model, tmp_path):
+    """--adapter on a split replica: the LoRA (and the full embed_tokens / lm_head copies) merge into layers
+    that sit on different devices, with the result of merging on one device."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                 modules_to_save=["embed_tokens", "lm_head"], init_lora_weights=False))
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    params = SamplingParams(temperature=0, max_new_tokens=20)
+    outs = []
+    for devices in ([0, 1], None):
+        engine = Engine.from_pretrained(tiny_model, adapter=tmp_path / "adapter", device="cpu", devices=devices,
+                                        layer_groups=GROUPS)
+        try:
+            outs.append([r.token_ids for r in engine.generate(PROMPTS[:3], params)])
+        finally:
+            engine.close()
+    plain = Engine.from_pretrained(tiny_model, device="cpu")
+    try:
+        assert outs[0] == outs[1] != [r.token_ids for r in plain.generate(PROMPTS[:3], params)]
+    finally:
+        plain.close()
