@@ -328,3 +328,41 @@ def test_a_model_too_big_for_the_devices_is_refused_before_loading(tiny_model, t
     assert p.returncode == 2, p.stderr[-2000:]
     assert "does not fit" in p.stderr and "of fp32 weights" in p.stderr and "12 MiB" in p.stderr
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_eval_splits_its_subjects_over_the_replicas_of_the_host(tiny_model, ceval_dir, tmp_path):
+    """Two simulated devices hold two replicas of the tiny model: `cla2 eval` scores its subjects in one process
+    per replica, and the merged summary, predictions and report equal a one-replica run's."""
+    subjects = "computer_network,law,high_school_physics,art_studies,college_chemistry"
+    fake = {"CLA2_FAKE_MLU_COUNT": "2", "CLA2_FAKE_MLU_BF16": "0"}
+    outs = {}
+    for replicas in ("2", "1"):
+        out = tmp_path / f"eval-{replicas}"
+        p = run_with_double(["-m", "cla2", "eval", "ceval", "--model", str(tiny_model), "--data", str(ceval_dir),
+                             "--out", str(out), "--subjects", subjects, "--device", "mlu", "--dtype", "fp32",
+                             "--shots", "1", "--replicas", replicas], timeout=300, **fake)
+        assert p.returncode == 0, p.stderr[-3000:]
+        outs[replicas] = (out, p.stderr)
+    (two, log), (one, _) = outs["2"], outs["1"]
+    for f in ("take0/summary.json", "take0/submission.json"):
+        assert (two / f).read_text(encoding="utf-8") == (one / f).read_text(encoding="utf-8"), f
+    assert "5 subjects over 2 replicas (devices 0; 1)" in log
+    run = json.loads((two / "run.json").read_text())
+    assert run["device_groups"] == [[0], [1]] and run["plan"]["replicas"] == 2
+    assert json.loads((one / "run.json").read_text())["device_groups"] == [[0]]
+    assert (two / "report.md").read_text(encoding="utf-8").split("- questions:")[0] == \
+        (one / "report.md").read_text(encoding="utf-8").split("- questions:")[0]
+
+
+def test_a_failing_replica_fails_the_eval_and_writes_nothing(tiny_model, ceval_dir, tmp_path):
+    """One replica's process dies (its adapter folder is not an adapter): the eval fails with that replica's
+    log, and OUT is not created."""
+    bad = tmp_path / "not-an-adapter"
+    bad.mkdir()
+    out = tmp_path / "eval"
+    p = run_with_double(["-m", "cla2", "eval", "ceval", "--model", str(tiny_model), "--data", str(ceval_dir),
+                         "--out", str(out), "--subjects", "computer_network,law", "--device", "mlu", "--dtype",
+                         "fp32", "--adapter", str(bad), "--replicas", "2"], timeout=300, CLA2_FAKE_MLU_COUNT="2")
+    assert p.returncode == 2
+    assert "the replica on devices 0 failed" in p.stderr and "has no adapter_config.json" in p.stderr
+    assert not out.exists()

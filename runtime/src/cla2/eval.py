@@ -238,6 +238,71 @@ def write_report(path: Path, benchmark: str, summary: dict, meta: dict, info: di
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
+def across_replicas(benchmark: str, groups: list[list[int]], sets: dict, **flags):
+    """Score ``sets`` (subject -> rows, dev, test) split over one ``cla2 eval`` process per device group, and
+    gather what each scored: (per subject (correct, num), predictions, test predictions, forward passes).
+
+    The subjects go to the replicas largest first, each to the one with the fewest questions so far; a
+    subject is scored whole by one replica, as it would be alone, so the merged results are those of one
+    replica. Why processes and not threads: each replica is a model of its own on its own devices, and
+    the processes keep one failing device from taking the others down with it silently."""
+    import subprocess
+    import tempfile
+
+    from tqdm import tqdm
+
+    parts: list[list[str]] = [[] for _ in groups]
+    load = [0] * len(groups)
+    for s in sorted(sets, key=lambda s: -(len(sets[s][0]) + len(sets[s][2]))):
+        i = load.index(min(load))
+        parts[i].append(s)
+        load[i] += len(sets[s][0]) + len(sets[s][2])
+    with tempfile.TemporaryDirectory(prefix="cla2-eval-replicas-") as tmp:
+        procs = []
+        for i, (group, subjects) in enumerate(zip(groups, parts, strict=True)):
+            argv = [sys.executable, "-m", "cla2", "eval", benchmark, "--model", str(flags["model"]), "--data",
+                    str(flags["data"]), "--out", f"{tmp}/part-{i}", "--subjects", ",".join(subjects),
+                    "--devices", ",".join(map(str, group)), "--shots", str(flags["shots"]),
+                    "--batch-size", str(flags["batch_size"]),
+                    "--with-prompt" if flags["with_prompt"] else "--no-with-prompt",
+                    "--do-test" if flags["do_test"] else "--no-do-test"]
+            for name in ("adapter", "device", "dtype"):
+                if flags[name] is not None:
+                    argv += [f"--{name}", str(flags[name])]
+            log = open(f"{tmp}/part-{i}.log", "w")  # noqa: SIM115 - closed below, once the process ends
+            procs.append((subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log, group))
+        print(f"cla2 eval: {len(sets)} subjects over {len(groups)} replicas (devices "
+              f"{'; '.join(','.join(map(str, g)) for g in groups)})", file=sys.stderr)
+        failed = []
+        with tqdm(total=sum(load), desc=f"{benchmark} over {len(groups)} replicas", unit="q", file=sys.stderr) as bar:
+            for (proc, log, group), n in zip(procs, load, strict=True):
+                proc.wait()
+                log.close()
+                bar.update(n)
+                if proc.returncode != 0:
+                    failed.append((group, proc.returncode, Path(log.name).read_text(errors="replace")[-2000:]))
+        if failed:
+            group, code, tail = failed[0]
+            raise RuntimeError(f"the replica on devices {','.join(map(str, group))} failed (exit {code}); nothing "
+                               f"was written. Its log ends:\n{tail}")
+        per_subject, predictions, test_predictions, forwards = {}, {}, {}, 0
+        for i in range(len(groups)):
+            part = Path(tmp) / f"part-{i}"
+            summary = json.loads((part / "take0" / "summary.json").read_text(encoding="utf-8"))
+            submission = json.loads((part / "take0" / "submission.json").read_text(encoding="utf-8"))
+            for s in parts[i]:
+                per_subject[s] = (summary[s]["correct"], summary[s]["num"])
+            if (part / "take0" / "predictions.json").exists():
+                predictions.update(json.loads((part / "take0" / "predictions.json").read_text(encoding="utf-8")))
+                test_predictions.update(submission)
+            else:
+                predictions.update(submission)
+            forwards += json.loads((part / "run.json").read_text(encoding="utf-8"))["metrics"]["forward_passes"]
+    order = list(sets)  # the subjects in the order one replica would have scored them
+    return ({s: per_subject[s] for s in order}, {s: predictions[s] for s in order},
+            {s: test_predictions[s] for s in order if s in test_predictions}, forwards)
+
+
 def main(
     benchmark: Literal["ceval", "cmmlu"],
     /,
@@ -253,6 +318,7 @@ def main(
     batch_size: int = 16,
     device: str | None = None,
     devices: list[int] | None = None,
+    replicas: int | None = None,
     dtype: str | None = None,
     overwrite: bool = False,
 ) -> dict:
@@ -275,6 +341,8 @@ def main(
         device: mlu, cuda or cpu (default: the best available).
         devices: Device indices of this replica, e.g. 0,1: the layers are spread over them (default: the
             plan's first group, as few devices as the model fits on; see `cla2 plan`).
+        replicas: Replica processes to split the subjects over, one per device group of the plan (default: as
+            many as the host holds; 1 scores in this process). Not with --devices, which names one replica.
         dtype: fp32, fp16, bf16 or auto.
         overwrite: Replace a non-empty OUT.
     """
@@ -321,26 +389,42 @@ def main(
 
     from cla2 import plan
 
+    if replicas is not None and replicas < 1:
+        raise ValueError(f"--replicas {replicas}: give 1 or more")
+    if replicas is not None and replicas > 1 and devices is not None:
+        raise ValueError("--replicas with --devices: --devices names the devices of one replica; leave it out to "
+                         "split the subjects over the plan's replicas")
     placement, replica = plan.for_inference("eval", model, device, dtype, devices, batch_size)
-    net, tokenizer, torch_device = load_model(model, adapter, device, dtype, replica,
-                                              [s.layers for s in placement.shares])
-    scorer = Scorer(net, tokenizer, torch_device, batch_size=placement.batch)
-    per_subject: dict[str, tuple[int, int]] = {}
-    predictions: dict[str, dict[str, str]] = {}
-    test_predictions: dict[str, dict[str, str]] = {}
-    total = sum(len(r) + len(t) for r, _, t in sets.values())
+    groups = [replica] if devices is not None else placement.device_groups
+    if replicas is not None:
+        if replicas > len(groups):
+            raise ValueError(f"--replicas {replicas}: the plan finds room for {len(groups)} replica(s) of "
+                             f"{placement.devices_per_replica} device(s) on this host's {placement.devices} device(s)")
+        groups = groups[:replicas]
+    groups = groups[:len(sets)]  # no more replicas than subjects
     started = time.perf_counter()
-    with tqdm(total=total, desc=f"{benchmark} {shots}-shot", unit="q", file=sys.stderr) as bar:
-        for s, (rows, dev, test) in sets.items():
-            prefix = few_shot_prefix(known[s][1], dev, shots)
-            got = scorer.predict(prefix, [question_prompt(q, with_prompt) for q in rows])
-            predictions[s] = {q.id: letter for q, (letter, _) in zip(rows, got, strict=True)}
-            per_subject[s] = (sum(q.answer == letter for q, (letter, _) in zip(rows, got, strict=True)), len(rows))
-            bar.update(len(rows))
-            if test:
-                got = scorer.predict(prefix, [question_prompt(q, with_prompt) for q in test])
-                test_predictions[s] = {q.id: letter for q, (letter, _) in zip(test, got, strict=True)}
-                bar.update(len(test))
+    if len(groups) > 1:
+        per_subject, predictions, test_predictions, forwards = across_replicas(
+            benchmark, groups, sets, model=model, data=data, adapter=adapter, shots=shots, with_prompt=with_prompt,
+            do_test=do_test, batch_size=batch_size, device=device, dtype=dtype)
+    else:
+        net, tokenizer, torch_device = load_model(model, adapter, device, dtype, groups[0],
+                                                  [s.layers for s in placement.shares])
+        scorer = Scorer(net, tokenizer, torch_device, batch_size=placement.batch)
+        per_subject, predictions, test_predictions = {}, {}, {}
+        total = sum(len(r) + len(t) for r, _, t in sets.values())
+        with tqdm(total=total, desc=f"{benchmark} {shots}-shot", unit="q", file=sys.stderr) as bar:
+            for s, (rows, dev, test) in sets.items():
+                prefix = few_shot_prefix(known[s][1], dev, shots)
+                got = scorer.predict(prefix, [question_prompt(q, with_prompt) for q in rows])
+                predictions[s] = {q.id: letter for q, (letter, _) in zip(rows, got, strict=True)}
+                per_subject[s] = (sum(q.answer == letter for q, (letter, _) in zip(rows, got, strict=True)), len(rows))
+                bar.update(len(rows))
+                if test:
+                    got = scorer.predict(prefix, [question_prompt(q, with_prompt) for q in test])
+                    test_predictions[s] = {q.id: letter for q, (letter, _) in zip(test, got, strict=True)}
+                    bar.update(len(test))
+        forwards = scorer.forwards
     seconds = time.perf_counter() - started
     meta = {s: known[s] for s in chosen}
     summary = summarize(per_subject, meta)
@@ -356,14 +440,14 @@ def main(
            "args": {"model": str(model), "adapter": str(adapter) if adapter else None, "data": str(data),
                     "out": str(out), "shots": shots, "with_prompt": with_prompt, "subjects": chosen,
                     "do_test": do_test, "batch_size": batch_size, "device": device, "devices": devices,
-                    "dtype": dtype},
+                    "replicas": replicas, "dtype": dtype},
            "plan": placement.to_json(),
            "versions": {"cla2": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                         "python": platform.python_version()},
-           "device": str(torch_device), "dtype": str(next(net.parameters()).dtype),
+           "device": placement.kind, "device_groups": groups, "dtype": placement.dtype,
            "metrics": {"accuracy": summary["All"], "grouped": summary["grouped"], "questions": questions,
                        "seconds": round(seconds, 3), "questions_per_second": round(info["questions_per_second"], 3),
-                       "forward_passes": scorer.forwards}}
+                       "forward_passes": forwards}}
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         (tmp / "take0").mkdir()
         (tmp / "take0" / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
