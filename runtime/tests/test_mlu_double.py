@@ -366,3 +366,34 @@ def test_a_failing_replica_fails_the_eval_and_writes_nothing(tiny_model, ceval_d
     assert p.returncode == 2
     assert "the replica on devices 0 failed" in p.stderr and "has no adapter_config.json" in p.stderr
     assert not out.exists()
+
+
+def test_generate_splits_its_prompts_over_the_replicas_of_the_host(tiny_model, tmp_path):
+    """`cla2 generate` on a host of two simulated devices: one process per replica, the outputs joined in the
+    input's order and equal to a one-replica run's, seeded sampling included (line i keeps seed + i)."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"prompt": p, "n": i}, ensure_ascii=False) + "\n"
+                           for i, p in enumerate(["你好", "从前有座山", "a b c", "测试" * 5, "hello", "龘"])), encoding="utf-8")
+    fake = {"CLA2_FAKE_MLU_COUNT": "2", "CLA2_FAKE_MLU_BF16": "0"}
+    outs = {}
+    for replicas in ("2", "1"):
+        out = tmp_path / f"out-{replicas}.jsonl"
+        p = run_with_double(["-m", "cla2", "generate", "--model", str(tiny_model), "--input", str(src), "--output",
+                             str(out), "--device", "mlu", "--dtype", "fp32", "--max-new-tokens", "12", "--temperature",
+                             "1.0", "--seed", "7", "--replicas", replicas], timeout=300, **fake)
+        assert p.returncode == 0, p.stderr[-3000:]
+        outs[replicas] = ([json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()], p.stderr)
+    (two, log), (one, _) = outs["2"], outs["1"]
+    assert "6 prompts over 2 replicas (devices 0; 1)" in log
+    assert [r["n"] for r in two] == list(range(6))
+    assert [(r["output"], r["completion_tokens"]) for r in two] == [(r["output"], r["completion_tokens"]) for r in one]
+
+
+def test_generate_refuses_a_bad_prompt_before_any_replica_starts(tiny_model, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "你好"}\n{"prompt": "' + "很长 " * 1500 + '"}\n', encoding="utf-8")
+    p = run_with_double(["-m", "cla2", "generate", "--model", str(tiny_model), "--input", str(src), "--output",
+                         str(tmp_path / "out.jsonl"), "--device", "mlu", "--dtype", "fp32", "--replicas", "2"],
+                        CLA2_FAKE_MLU_COUNT="2")
+    assert p.returncode == 2 and f"{src}, prompt 2:" in p.stderr and "context window" in p.stderr, p.stderr[-2000:]
+    assert "over 2 replicas" not in p.stderr and not (tmp_path / "out.jsonl").exists()

@@ -444,6 +444,22 @@ def _cudagraph_thread_state() -> None:
         local.tree_manager_locks = collections.defaultdict(threading.Lock)
 
 
+def fit_prompt(prompt_ids: list[int], params: SamplingParams, window: int, truncate: bool,
+               bos_id: int | None) -> tuple[list[int], int]:
+    """``Engine.check_prompt`` without an engine (a job checks its prompts before any model loads)."""
+    if not prompt_ids:
+        raise InvalidRequest("the prompt is empty", param="prompt")
+    if len(prompt_ids) >= window:
+        if not truncate:
+            raise ContextTooLong(
+                f"the prompt is {len(prompt_ids)} tokens, but the model's context window is {window} "
+                "tokens: shorten it (or start the server with truncation on)")
+        keep = max(1, window - min(params.max_new_tokens, window // 2))
+        head = prompt_ids[:1] if prompt_ids[0] == bos_id else []
+        prompt_ids = head + prompt_ids[len(prompt_ids) - keep + len(head):]
+    return prompt_ids, min(params.max_new_tokens, window - len(prompt_ids))
+
+
 class Engine:
     """Continuous-batching text generation over one model.
 
@@ -537,17 +553,7 @@ class Engine:
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> tuple[list[int], int]:
         """Refuse (or, with truncate, cut from the left) a prompt that leaves no room in the window.
         Returns the prompt ids and the number of tokens that may be generated."""
-        if not prompt_ids:
-            raise InvalidRequest("the prompt is empty", param="prompt")
-        if len(prompt_ids) >= self.window:
-            if not self.truncate:
-                raise ContextTooLong(
-                    f"the prompt is {len(prompt_ids)} tokens, but the model's context window is {self.window} "
-                    "tokens: shorten it (or start the server with truncation on)")
-            keep = max(1, self.window - min(params.max_new_tokens, self.window // 2))
-            head = prompt_ids[:1] if prompt_ids[0] == self.tokenizer.bos_token_id else []
-            prompt_ids = head + prompt_ids[len(prompt_ids) - keep + len(head):]
-        return prompt_ids, min(params.max_new_tokens, self.window - len(prompt_ids))
+        return fit_prompt(prompt_ids, params, self.window, self.truncate, self.tokenizer.bos_token_id)
 
     def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                sink: Callable[[Event], None] | None = None) -> Request:

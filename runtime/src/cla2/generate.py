@@ -61,6 +61,89 @@ def read_prompts(path: Path, with_prompt: bool, system_prompt: str) -> tuple[lis
     return records, prompts
 
 
+def check_prompts(path: Path, prompts: list[str], params: list[SamplingParams], model: Path, adapter: Path | None,
+                  truncate: bool) -> None:
+    """What the engine checks of each prompt, with only the tokenizer and the model's window."""
+    from transformers import AutoTokenizer
+
+    from cla2.engine import fit_prompt
+    from cla2.plan import read_shape
+
+    tok_dir = adapter if adapter is not None and any(
+        (Path(adapter) / n).exists() for n in ("tokenizer.model", "tokenizer.json")) else model
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    window = read_shape(model).context
+    for n, (p, sp) in enumerate(zip(prompts, params, strict=True), 1):
+        try:
+            fit_prompt(list(tokenizer(p, add_special_tokens=True).input_ids), sp.validate(window), window, truncate,
+                       tokenizer.bos_token_id)
+        except InvalidRequest as exc:
+            raise ValueError(f"{path}, prompt {n}: {exc}") from None
+
+
+# The flags a replica process gets as they were given (the others: its share of the input, its devices).
+REPLICA_FLAGS = ("model", "adapter", "device", "dtype", "batch_size", "with_prompt", "system_prompt", "temperature",
+                 "top_k", "top_p", "repetition_penalty", "max_new_tokens", "truncate", "decode_graphs")
+
+
+def across_replicas(groups: list[list[int]], records: list[dict], output: Path, flags: dict) -> Path:
+    """Generate ``records`` split in contiguous shares over one ``cla2 generate`` process per device group,
+    then join their outputs in the input's order into ``output`` (written whole or not at all). Line i keeps
+    the seed it has in one process (each share starts its seeds at its first line's)."""
+    import subprocess
+    import tempfile
+
+    from tqdm import tqdm
+
+    seed = flags.pop("seed", None)
+    shares = [len(records) * i // len(groups) for i in range(len(groups) + 1)]
+    with tempfile.TemporaryDirectory(prefix="cla2-generate-replicas-") as tmp:
+        procs = []
+        started = time.perf_counter()
+        for i, group in enumerate(groups):
+            part_in, part_out = Path(tmp) / f"in-{i}.jsonl", Path(tmp) / f"out-{i}.jsonl"
+            part_in.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records[shares[i]:shares[i + 1]]),
+                               encoding="utf-8")
+            argv = [sys.executable, "-m", "cla2", "generate", "--input", str(part_in), "--output", str(part_out),
+                    "--devices", ",".join(map(str, group))]
+            for name, value in flags.items():
+                if isinstance(value, bool):
+                    argv.append(f"--{'' if value else 'no-'}{name.replace('_', '-')}")
+                elif value is not None:
+                    argv += [f"--{name.replace('_', '-')}", str(value)]
+            if seed is not None:
+                argv += ["--seed", str(seed + shares[i])]
+            log = open(Path(tmp) / f"log-{i}.txt", "w")  # noqa: SIM115 - closed below, once the process ends
+            procs.append((subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log, group, part_out))
+        print(f"cla2 generate: {len(records)} prompts over {len(groups)} replicas (devices "
+              f"{'; '.join(','.join(map(str, g)) for g in groups)})", file=sys.stderr)
+        failed = []
+        with tqdm(total=len(records), desc=f"generate over {len(groups)} replicas", unit="prompt", file=sys.stderr) as bar:
+            for i, (proc, log, group, _) in enumerate(procs):
+                proc.wait()
+                log.close()
+                bar.update(shares[i + 1] - shares[i])
+                if proc.returncode != 0:
+                    failed.append((group, proc.returncode, Path(log.name).read_text(errors="replace")[-2000:]))
+        seconds = time.perf_counter() - started
+        if failed:
+            group, code, tail = failed[0]
+            raise RuntimeError(f"the replica on devices {','.join(map(str, group))} failed (exit {code}); nothing "
+                               f"was written. Its log ends:\n{tail}")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
+        generated = 0
+        with open(partial, "w", encoding="utf-8") as f:
+            for *_, part_out in procs:
+                for line in part_out.read_text(encoding="utf-8").splitlines():
+                    generated += json.loads(line)["completion_tokens"]
+                    f.write(line + "\n")
+        partial.replace(output)
+    print(f"{len(records)} prompts, {generated} tokens generated in {seconds:.1f}s over {len(groups)} replicas "
+          f"({generated / max(seconds, 1e-9):.1f} generated tokens/s) -> {output}", file=sys.stderr)
+    return output
+
+
 def main(
     *,
     model: Path,
@@ -69,6 +152,7 @@ def main(
     adapter: Path | None = None,
     device: str | None = None,
     devices: list[int] | None = None,
+    replicas: int | None = None,
     dtype: str | None = None,
     batch_size: int = 8,
     with_prompt: bool = True,
@@ -96,6 +180,8 @@ def main(
         device: mlu, cuda or cpu (default: the best available).
         devices: Device indices of this replica, e.g. 0,1: the layers are spread over them (default: the
             plan's first group, as few devices as the model fits on; see `cla2 plan`).
+        replicas: Replica processes to split the prompts over, one per device group of the plan (default: as many
+            as the host holds; 1 generates in this process). Not with --devices, which names one replica.
         dtype: fp32, fp16, bf16 or auto.
         batch_size: Prompts decoded together (cut to what the plan finds room for).
         with_prompt: Wrap 'instruction' records in the Alpaca-2 chat template.
@@ -115,16 +201,32 @@ def main(
     if output.exists() and not overwrite:
         raise FileExistsError(f"output file {output} exists: choose another --output or pass --overwrite")
     records, prompts = read_prompts(input, with_prompt, system_prompt)
+    if replicas is not None and replicas < 1:
+        raise ValueError(f"--replicas {replicas}: give 1 or more")
+    if replicas is not None and replicas > 1 and devices is not None:
+        raise ValueError("--replicas with --devices: --devices names the devices of one replica; leave it out to "
+                         "split the prompts over the plan's replicas")
     placement, replica = plan.for_inference("generate", model, device, dtype, devices, batch_size)
     batch_size = placement.batch
+    groups = [replica] if devices is not None else placement.device_groups
+    if replicas is not None:
+        if replicas > len(groups):
+            raise ValueError(f"--replicas {replicas}: the plan finds room for {len(groups)} replica(s) of "
+                             f"{placement.devices_per_replica} device(s) on this host's {placement.devices} device(s)")
+        groups = groups[:replicas]
+    groups = groups[:len(prompts)]
+    params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                             repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
+                             seed=None if seed is None else seed + i) for i in range(len(prompts))]
+    if len(groups) > 1:
+        check_prompts(input, prompts, params, model, adapter, truncate)  # before any replica starts
+        flags = {k: v for k, v in locals().items() if k in (*REPLICA_FLAGS, "seed")}
+        return across_replicas(groups, records, output, flags)
     engine = Engine.from_pretrained(model, adapter=adapter, device=device, dtype=dtype,
                                     max_batch_size=batch_size, truncate=truncate,
                                     decode_graphs=decode_graphs, devices=replica,
                                     layer_groups=[s.layers for s in placement.shares])
     try:
-        params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                                 repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
-                                 seed=None if seed is None else seed + i) for i in range(len(prompts))]
         for n, (p, sp) in enumerate(zip(prompts, params, strict=True), 1):  # refuse bad input before generating anything
             try:
                 engine.check_prompt(engine.encode(p), sp.validate(engine.window))
