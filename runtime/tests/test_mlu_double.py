@@ -400,3 +400,18 @@ def test_generate_refuses_a_bad_prompt_before_any_replica_starts(tiny_model, tmp
                         CLA2_FAKE_MLU_COUNT="2")
     assert p.returncode == 2 and f"{src}, prompt 2:" in p.stderr and "context window" in p.stderr, p.stderr[-2000:]
     assert "over 2 replicas" not in p.stderr and not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("ranks, devices", [(2, "4"), (3, "2")])
+def test_a_launch_whose_ranks_do_not_match_the_devices_is_refused(tiny_model_small_tok, tmp_path, ranks, devices):
+    """torchrun's ranks on a host must be its devices, one each: otherwise every rank refuses before loading."""
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"instruction": "问题", "output": "答案"}, ensure_ascii=False), encoding="utf-8")
+    p = run_with_double(["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
+                         "--master-port", str(free_port()), "-m", "cla2", "finetune", "--model", str(tiny_model_small_tok),
+                         "--data", str(data), "--out", str(tmp_path / "run"), "--max-steps", "1", "--device", "mlu"],
+                        timeout=300, CLA2_FAKE_MLU_COUNT=devices)
+    assert p.returncode != 0
+    assert (f"the launcher started {ranks} rank(s) on this host, but it has {devices} mlu device(s) "
+            f"(MLU_VISIBLE_DEVICES=(unset)): start one rank per device (--nproc-per-node {devices})") in p.stderr
+    assert not (tmp_path / "run").exists()

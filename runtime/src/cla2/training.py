@@ -203,6 +203,20 @@ def adapter_state(model, zero3: bool) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in named}
 
 
+def check_ranks(dev: Device) -> None:
+    """One rank per device: the launcher must start as many ranks on this host as it has devices (to use
+    fewer devices, make fewer visible), or ranks would share a device or leave some idle unplanned."""
+    if "LOCAL_WORLD_SIZE" not in os.environ or dev.kind == "cpu":
+        return
+    ranks = int(os.environ["LOCAL_WORLD_SIZE"])
+    if ranks != dev.count:
+        env = dev.visible_devices_env
+        raise TrainingSetupError(
+            f"the launcher started {ranks} rank(s) on this host, but it has {dev.count} {dev.kind} device(s) "
+            f"({env}={os.environ.get(env, '(unset)')}): start one rank per device (--nproc-per-node {dev.count}), "
+            f"or set {env} to the {ranks} device(s) to train on")
+
+
 def plan_run(job: str, model: Path, dev: Device, torch_dtype: torch.dtype, world_size: int, deepspeed: str | None,
              ds_config: dict | None, gradient_checkpointing: bool | None, batch_size: int,
              gradient_accumulation_steps: int, seq_len: int, lora_rank: int, lora_targets: Sequence[str],
@@ -284,6 +298,7 @@ def run(
     rank, world_size = world()
     dev: Device = pick(device)
     torch_dtype = parse_dtype(dtype, dev)
+    check_ranks(dev)
     settings = {k: _jsonable(v) for k, v in args.items() if not k.startswith("_")}
     resume_from = check_out(out, job, resume, overwrite, settings)
     ds_config = resolve_deepspeed(deepspeed)
