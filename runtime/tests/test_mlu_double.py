@@ -349,7 +349,7 @@ def test_eval_splits_its_subjects_over_the_replicas_of_the_host(tiny_model, ceva
     (two, log), (one, _) = outs["2"], outs["1"]
     for f in ("take0/summary.json", "take0/submission.json"):
         assert (two / f).read_text(encoding="utf-8") == (one / f).read_text(encoding="utf-8"), f
-    assert "5 subjects over 2 replicas (devices 0; 1)" in log
+    assert "questions over 2 replicas (devices 0; 1)" in log
     run = json.loads((two / "run.json").read_text())
     assert run["device_groups"] == [[0], [1]] and run["plan"]["replicas"] == 2
     assert json.loads((one / "run.json").read_text())["device_groups"] == [[0]]

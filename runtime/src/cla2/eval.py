@@ -238,18 +238,12 @@ def write_report(path: Path, benchmark: str, summary: dict, meta: dict, info: di
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
-def across_replicas(benchmark: str, groups: list[list[int]], sets: dict, **flags):
+def across_replicas(benchmark: str, groups: list[list[int]], sets: dict, **job_flags):
     """Score ``sets`` (subject -> rows, dev, test) split over one ``cla2 eval`` process per device group, and
     gather what each scored: (per subject (correct, num), predictions, test predictions, forward passes).
-
-    The subjects go to the replicas largest first, each to the one with the fewest questions so far; a
-    subject is scored whole by one replica, as it would be alone, so the merged results are those of one
-    replica. Why processes and not threads: each replica is a model of its own on its own devices, and
-    the processes keep one failing device from taking the others down with it silently."""
-    import subprocess
-    import tempfile
-
-    from tqdm import tqdm
+    A subject is scored whole by one replica, as it would be alone, so the merged results are those of one
+    replica; the subjects go to the replicas largest first, each to the one with the fewest questions so far."""
+    from cla2 import replicas
 
     parts: list[list[str]] = [[] for _ in groups]
     load = [0] * len(groups)
@@ -257,47 +251,21 @@ def across_replicas(benchmark: str, groups: list[list[int]], sets: dict, **flags
         i = load.index(min(load))
         parts[i].append(s)
         load[i] += len(sets[s][0]) + len(sets[s][2])
-    with tempfile.TemporaryDirectory(prefix="cla2-eval-replicas-") as tmp:
-        procs = []
-        for i, (group, subjects) in enumerate(zip(groups, parts, strict=True)):
-            argv = [sys.executable, "-m", "cla2", "eval", benchmark, "--model", str(flags["model"]), "--data",
-                    str(flags["data"]), "--out", f"{tmp}/part-{i}", "--subjects", ",".join(subjects),
-                    "--devices", ",".join(map(str, group)), "--shots", str(flags["shots"]),
-                    "--batch-size", str(flags["batch_size"]),
-                    "--with-prompt" if flags["with_prompt"] else "--no-with-prompt",
-                    "--do-test" if flags["do_test"] else "--no-do-test"]
-            for name in ("adapter", "device", "dtype"):
-                if flags[name] is not None:
-                    argv += [f"--{name}", str(flags[name])]
-            log = open(f"{tmp}/part-{i}.log", "w")  # noqa: SIM115 - closed below, once the process ends
-            procs.append((subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log, group))
-        print(f"cla2 eval: {len(sets)} subjects over {len(groups)} replicas (devices "
-              f"{'; '.join(','.join(map(str, g)) for g in groups)})", file=sys.stderr)
-        failed = []
-        with tqdm(total=sum(load), desc=f"{benchmark} over {len(groups)} replicas", unit="q", file=sys.stderr) as bar:
-            for (proc, log, group), n in zip(procs, load, strict=True):
-                proc.wait()
-                log.close()
-                bar.update(n)
-                if proc.returncode != 0:
-                    failed.append((group, proc.returncode, Path(log.name).read_text(errors="replace")[-2000:]))
-        if failed:
-            group, code, tail = failed[0]
-            raise RuntimeError(f"the replica on devices {','.join(map(str, group))} failed (exit {code}); nothing "
-                               f"was written. Its log ends:\n{tail}")
-        per_subject, predictions, test_predictions, forwards = {}, {}, {}, 0
-        for i in range(len(groups)):
-            part = Path(tmp) / f"part-{i}"
-            summary = json.loads((part / "take0" / "summary.json").read_text(encoding="utf-8"))
-            submission = json.loads((part / "take0" / "submission.json").read_text(encoding="utf-8"))
-            for s in parts[i]:
-                per_subject[s] = (summary[s]["correct"], summary[s]["num"])
-            if (part / "take0" / "predictions.json").exists():
-                predictions.update(json.loads((part / "take0" / "predictions.json").read_text(encoding="utf-8")))
+    argvs = [[benchmark, "--out", f"{{tmp}}/part-{i}", *replicas.flags({**job_flags, "subjects": part})]
+             for i, part in enumerate(parts)]
+    per_subject, predictions, test_predictions, forwards = {}, {}, {}, 0
+    with replicas.run("eval", argvs, groups, load, "question") as (tmp, _):
+        for i, part in enumerate(parts):
+            take = tmp / f"part-{i}" / "take0"
+            summary = json.loads((take / "summary.json").read_text(encoding="utf-8"))
+            submission = json.loads((take / "submission.json").read_text(encoding="utf-8"))
+            per_subject.update({s: (summary[s]["correct"], summary[s]["num"]) for s in part})
+            if (take / "predictions.json").exists():  # --do-test: submission.json holds the test split's
+                predictions.update(json.loads((take / "predictions.json").read_text(encoding="utf-8")))
                 test_predictions.update(submission)
             else:
                 predictions.update(submission)
-            forwards += json.loads((part / "run.json").read_text(encoding="utf-8"))["metrics"]["forward_passes"]
+            forwards += json.loads((take.parent / "run.json").read_text(encoding="utf-8"))["metrics"]["forward_passes"]
     order = list(sets)  # the subjects in the order one replica would have scored them
     return ({s: per_subject[s] for s in order}, {s: predictions[s] for s in order},
             {s: test_predictions[s] for s in order if s in test_predictions}, forwards)
@@ -388,20 +356,10 @@ def main(
         sets[s] = (rows, dev, test)
 
     from cla2 import plan
+    from cla2 import replicas as replica_processes
 
-    if replicas is not None and replicas < 1:
-        raise ValueError(f"--replicas {replicas}: give 1 or more")
-    if replicas is not None and replicas > 1 and devices is not None:
-        raise ValueError("--replicas with --devices: --devices names the devices of one replica; leave it out to "
-                         "split the subjects over the plan's replicas")
     placement, replica = plan.for_inference("eval", model, device, dtype, devices, batch_size)
-    groups = [replica] if devices is not None else placement.device_groups
-    if replicas is not None:
-        if replicas > len(groups):
-            raise ValueError(f"--replicas {replicas}: the plan finds room for {len(groups)} replica(s) of "
-                             f"{placement.devices_per_replica} device(s) on this host's {placement.devices} device(s)")
-        groups = groups[:replicas]
-    groups = groups[:len(sets)]  # no more replicas than subjects
+    groups = replica_processes.groups(placement, replica, devices, replicas, len(sets), "subjects")
     started = time.perf_counter()
     if len(groups) > 1:
         per_subject, predictions, test_predictions, forwards = across_replicas(

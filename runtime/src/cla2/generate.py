@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from cla2 import plan
+from cla2 import replicas as replica_processes
 from cla2.engine import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_REPETITION_PENALTY,
@@ -86,59 +87,35 @@ REPLICA_FLAGS = ("model", "adapter", "device", "dtype", "batch_size", "with_prom
                  "top_k", "top_p", "repetition_penalty", "max_new_tokens", "truncate", "decode_graphs")
 
 
-def across_replicas(groups: list[list[int]], records: list[dict], output: Path, flags: dict) -> Path:
+def across_replicas(groups: list[list[int]], records: list[dict], output: Path, job_flags: dict,
+                    seed: int | None) -> Path:
     """Generate ``records`` split in contiguous shares over one ``cla2 generate`` process per device group,
     then join their outputs in the input's order into ``output`` (written whole or not at all). Line i keeps
     the seed it has in one process (each share starts its seeds at its first line's)."""
-    import subprocess
     import tempfile
 
-    from tqdm import tqdm
+    from cla2 import replicas
 
-    seed = flags.pop("seed", None)
     shares = [len(records) * i // len(groups) for i in range(len(groups) + 1)]
-    with tempfile.TemporaryDirectory(prefix="cla2-generate-replicas-") as tmp:
-        procs = []
-        started = time.perf_counter()
-        for i, group in enumerate(groups):
-            part_in, part_out = Path(tmp) / f"in-{i}.jsonl", Path(tmp) / f"out-{i}.jsonl"
-            part_in.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records[shares[i]:shares[i + 1]]),
-                               encoding="utf-8")
-            argv = [sys.executable, "-m", "cla2", "generate", "--input", str(part_in), "--output", str(part_out),
-                    "--devices", ",".join(map(str, group))]
-            for name, value in flags.items():
-                if isinstance(value, bool):
-                    argv.append(f"--{'' if value else 'no-'}{name.replace('_', '-')}")
-                elif value is not None:
-                    argv += [f"--{name.replace('_', '-')}", str(value)]
-            if seed is not None:
-                argv += ["--seed", str(seed + shares[i])]
-            log = open(Path(tmp) / f"log-{i}.txt", "w")  # noqa: SIM115 - closed below, once the process ends
-            procs.append((subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log, group, part_out))
-        print(f"cla2 generate: {len(records)} prompts over {len(groups)} replicas (devices "
-              f"{'; '.join(','.join(map(str, g)) for g in groups)})", file=sys.stderr)
-        failed = []
-        with tqdm(total=len(records), desc=f"generate over {len(groups)} replicas", unit="prompt", file=sys.stderr) as bar:
-            for i, (proc, log, group, _) in enumerate(procs):
-                proc.wait()
-                log.close()
-                bar.update(shares[i + 1] - shares[i])
-                if proc.returncode != 0:
-                    failed.append((group, proc.returncode, Path(log.name).read_text(errors="replace")[-2000:]))
-        seconds = time.perf_counter() - started
-        if failed:
-            group, code, tail = failed[0]
-            raise RuntimeError(f"the replica on devices {','.join(map(str, group))} failed (exit {code}); nothing "
-                               f"was written. Its log ends:\n{tail}")
-        output.parent.mkdir(parents=True, exist_ok=True)
-        partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
-        generated = 0
-        with open(partial, "w", encoding="utf-8") as f:
-            for *_, part_out in procs:
-                for line in part_out.read_text(encoding="utf-8").splitlines():
-                    generated += json.loads(line)["completion_tokens"]
-                    f.write(line + "\n")
-        partial.replace(output)
+    with tempfile.TemporaryDirectory(prefix="cla2-generate-inputs-") as inputs:
+        argvs = []
+        for i in range(len(groups)):
+            part = Path(inputs) / f"in-{i}.jsonl"
+            part.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records[shares[i]:shares[i + 1]]),
+                            encoding="utf-8")
+            argvs.append(["--input", str(part), "--output", f"{{tmp}}/out-{i}.jsonl", *replicas.flags(
+                {**job_flags, "seed": None if seed is None else seed + shares[i]})])
+        sizes = [shares[i + 1] - shares[i] for i in range(len(groups))]
+        with replicas.run("generate", argvs, groups, sizes, "prompt") as (tmp, seconds):
+            output.parent.mkdir(parents=True, exist_ok=True)
+            partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
+            generated = 0
+            with open(partial, "w", encoding="utf-8") as f:
+                for i in range(len(groups)):
+                    for line in (tmp / f"out-{i}.jsonl").read_text(encoding="utf-8").splitlines():
+                        generated += json.loads(line)["completion_tokens"]
+                        f.write(line + "\n")
+            partial.replace(output)
     print(f"{len(records)} prompts, {generated} tokens generated in {seconds:.1f}s over {len(groups)} replicas "
           f"({generated / max(seconds, 1e-9):.1f} generated tokens/s) -> {output}", file=sys.stderr)
     return output
@@ -201,27 +178,16 @@ def main(
     if output.exists() and not overwrite:
         raise FileExistsError(f"output file {output} exists: choose another --output or pass --overwrite")
     records, prompts = read_prompts(input, with_prompt, system_prompt)
-    if replicas is not None and replicas < 1:
-        raise ValueError(f"--replicas {replicas}: give 1 or more")
-    if replicas is not None and replicas > 1 and devices is not None:
-        raise ValueError("--replicas with --devices: --devices names the devices of one replica; leave it out to "
-                         "split the prompts over the plan's replicas")
     placement, replica = plan.for_inference("generate", model, device, dtype, devices, batch_size)
     batch_size = placement.batch
-    groups = [replica] if devices is not None else placement.device_groups
-    if replicas is not None:
-        if replicas > len(groups):
-            raise ValueError(f"--replicas {replicas}: the plan finds room for {len(groups)} replica(s) of "
-                             f"{placement.devices_per_replica} device(s) on this host's {placement.devices} device(s)")
-        groups = groups[:replicas]
-    groups = groups[:len(prompts)]
+    groups = replica_processes.groups(placement, replica, devices, replicas, len(prompts), "prompts")
     params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                              repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
                              seed=None if seed is None else seed + i) for i in range(len(prompts))]
     if len(groups) > 1:
         check_prompts(input, prompts, params, model, adapter, truncate)  # before any replica starts
-        flags = {k: v for k, v in locals().items() if k in (*REPLICA_FLAGS, "seed")}
-        return across_replicas(groups, records, output, flags)
+        return across_replicas(groups, records, output, {k: v for k, v in locals().items() if k in REPLICA_FLAGS},
+                               seed)
     engine = Engine.from_pretrained(model, adapter=adapter, device=device, dtype=dtype,
                                     max_batch_size=batch_size, truncate=truncate,
                                     decode_graphs=decode_graphs, devices=replica,
