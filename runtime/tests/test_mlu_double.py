@@ -415,3 +415,23 @@ def test_a_launch_whose_ranks_do_not_match_the_devices_is_refused(tiny_model_sma
     assert (f"the launcher started {ranks} rank(s) on this host, but it has {devices} mlu device(s) "
             f"(MLU_VISIBLE_DEVICES=(unset)): start one rank per device (--nproc-per-node {devices})") in p.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_the_plans_batch_cut_and_an_explicit_batch_that_overrides_it(tiny_model):
+    """12 MiB less than the tiny model needs for 8 full-context sequences: the plan cuts the default batch; a
+    batch given on the command line stands, with a warning, and the plan's bytes follow it."""
+    code = """
+        import json
+        from cla2 import plan
+        out = {}
+        for batch in (None, 6):
+            p, _ = plan.for_inference("generate", "MODEL", "mlu", "fp32", None, batch, quiet=True)
+            out[str(batch)] = {"batch": p.batch, "max_batch": p.max_batch, "notes": p.notes, "bytes": p.bytes_per_device}
+        print(json.dumps(out))
+    """.replace("MODEL", str(tiny_model))
+    got = python_json(code, CLA2_FAKE_MLU_COUNT="1", CLA2_FAKE_MLU_MEMORY="1200MiB")
+    default, explicit = got["None"], got["6"]
+    assert default["batch"] == default["max_batch"] < 6
+    assert "batch cut from 8" in default["notes"][0]
+    assert explicit["batch"] == 6 and "batch 6 kept as given" in explicit["notes"][-1]
+    assert explicit["bytes"] > default["bytes"]

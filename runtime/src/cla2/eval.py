@@ -283,7 +283,7 @@ def main(
     with_prompt: bool = False,
     subjects: list[str] | None = None,
     do_test: bool = False,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     device: str | None = None,
     devices: list[int] | None = None,
     replicas: int | None = None,
@@ -305,7 +305,8 @@ def main(
         with_prompt: Wrap each question in the Alpaca-2 chat template (for Alpaca models).
         subjects: Evaluate only these subjects (comma-separated file keys, e.g. computer_network,law).
         do_test: C-Eval: also predict the test split (no answers) and put those predictions in submission.json.
-        batch_size: Questions scored together.
+        batch_size: Questions scored together (default: 16, or fewer when the plan finds room for fewer; a number
+            given here stands).
         device: mlu, cuda or cpu (default: the best available).
         devices: Device indices of this replica, e.g. 0,1: the layers are spread over them (default: the
             plan's first group, as few devices as the model fits on; see `cla2 plan`).

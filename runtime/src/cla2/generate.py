@@ -131,7 +131,7 @@ def main(
     devices: list[int] | None = None,
     replicas: int | None = None,
     dtype: str | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     with_prompt: bool = True,
     system_prompt: str = DEFAULT_SYSTEM_PROMPT,
     temperature: float = DEFAULT_TEMPERATURE,
@@ -160,7 +160,8 @@ def main(
         replicas: Replica processes to split the prompts over, one per device group of the plan (default: as many
             as the host holds; 1 generates in this process). Not with --devices, which names one replica.
         dtype: fp32, fp16, bf16 or auto.
-        batch_size: Prompts decoded together (cut to what the plan finds room for).
+        batch_size: Prompts decoded together (default: 8, or fewer when the plan finds room for fewer; a number
+            given here stands).
         with_prompt: Wrap 'instruction' records in the Alpaca-2 chat template.
         system_prompt: System prompt of the template.
         temperature: Sampling temperature; 0 is greedy.

@@ -298,7 +298,9 @@ def _fits(shares: list[DeviceShare]) -> bool:
 def plan_inference(job: str, shape: Shape, devices: Devices, dtype_bytes: int, dtype: str = "fp16",
                    devices_per_replica: int | None = None, batch: int | None = None,
                    context: int | None = None) -> InferencePlan:
-    """Devices per replica, replicas and the KV cache budget of an inference job (see the module doc)."""
+    """Devices per replica, replicas and the KV cache budget of an inference job (see the module doc).
+    ``batch``: the batch the job asked for (None: its default), cut to what fits; ``for_inference`` lets a
+    batch the operator gave explicitly stand, with a warning."""
     if job not in INFERENCE_JOBS:
         raise PlanError(f"{job} is not an inference job ({', '.join(INFERENCE_JOBS)})")
     context = context or shape.context
@@ -551,6 +553,17 @@ def for_inference(job: str, model: Path, device: str | None, dtype: str | None, 
     else:
         plan = plan_inference(job, shape, seen, size, name, batch=batch, context=context)
         chosen = plan.device_groups[0]
+    if batch is not None and batch > plan.batch:
+        # The operator's explicit batch overrides the plan's cut: it fits while the requests are shorter
+        # than the window, and the engine fails a request cleanly when the device runs out.
+        plan.notes = [n for n in plan.notes if not n.startswith("batch cut")]
+        plan.notes.append(f"batch {batch} kept as given, above the {plan.max_batch} full-context sequences whose "
+                          "KV cache the plan finds room for: long requests together may run out of device memory")
+        plan.batch = batch
+        plan.shares = _shares(shape, [seen.memory[d] for d in chosen], size, seen.kind, batch, plan.context,
+                              job == "eval")
+        plan.kv_cache_bytes = sum(s.kv_cache for s in plan.shares)
+        plan.bytes_per_device = max(s.total for s in plan.shares)
     if not quiet:
         print(plan.summary(), file=sys.stderr)
     return plan, chosen

@@ -386,7 +386,7 @@ def main(
     device: str | None = None,
     devices: list[int] | None = None,
     dtype: str | None = None,
-    max_batch_size: int = 8,
+    max_batch_size: int | None = None,
     model_name: str | None = None,
     truncate: bool = False,
     decode_graphs: bool | None = None,
@@ -408,7 +408,8 @@ def main(
         devices: Device indices of this replica, e.g. 0,1: the layers are spread over them (default: the
             plan's first group, as few devices as the model fits on; see `cla2 plan`).
         dtype: fp32, fp16, bf16 or auto.
-        max_batch_size: Requests decoded together in one batch (cut to what the plan finds room for).
+        max_batch_size: Requests decoded together in one batch (default: 8, or fewer when the plan finds room
+            for fewer; a number given here stands).
         model_name: Name in /v1/models and the responses (default: the model folder's name).
         truncate: Cut over-long prompts from the left instead of refusing them.
         decode_graphs: Decode a request that runs alone through a static KV cache and a CUDA graph (torch.compile;
