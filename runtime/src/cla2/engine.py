@@ -264,6 +264,13 @@ def replica_device_map(net_skeleton, layer_groups: list[list[int]], torch_device
     return device_map
 
 
+def tokenizer_dir(model: Path, adapter: Path | None) -> Path:
+    """The adapter's folder when it ships a tokenizer (the seed's adapters do), else the model's."""
+    if adapter is not None and any((Path(adapter) / n).exists() for n in ("tokenizer.model", "tokenizer.json")):
+        return Path(adapter)
+    return Path(model)
+
+
 def load_model(model: Path, adapter: Path | None = None, device: str | None = None, dtype: str | None = None,
                devices: list[int] | None = None, layer_groups: list[list[int]] | None = None):
     """Load (model, tokenizer, torch device) from a Hugging Face folder, with an optional LoRA adapter
@@ -281,9 +288,7 @@ def load_model(model: Path, adapter: Path | None = None, device: str | None = No
     check_loadable(model)  # a clear error for a wrong folder or unreadable weights, before transformers' own
     dev = devices_mod.pick(device)
     torch_dtype = devices_mod.parse_dtype(dtype, dev)
-    tok_dir = adapter if adapter is not None and any(
-        (Path(adapter) / n).exists() for n in ("tokenizer.model", "tokenizer.json")) else model
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(model, adapter)))
     if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():
         raise FileNotFoundError(f"adapter folder {adapter} has no adapter_config.json: point --adapter at "
                                 "the folder `cla2 finetune` wrote")

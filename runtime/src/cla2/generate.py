@@ -67,12 +67,10 @@ def check_prompts(path: Path, prompts: list[str], params: list[SamplingParams], 
     """What the engine checks of each prompt, with only the tokenizer and the model's window."""
     from transformers import AutoTokenizer
 
-    from cla2.engine import fit_prompt
+    from cla2.engine import fit_prompt, tokenizer_dir
     from cla2.plan import read_shape
 
-    tok_dir = adapter if adapter is not None and any(
-        (Path(adapter) / n).exists() for n in ("tokenizer.model", "tokenizer.json")) else model
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(model, adapter)))
     window = read_shape(model).context
     for n, (p, sp) in enumerate(zip(prompts, params, strict=True), 1):
         try:
