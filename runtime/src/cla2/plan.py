@@ -549,7 +549,7 @@ def for_inference(job: str, model: Path, device: str | None, dtype: str | None, 
         group = Devices(seen.kind, tuple(seen.memory[d] for d in chosen))
         plan = plan_inference(job, shape, group, size, name, devices_per_replica=len(chosen), batch=batch,
                               context=context)
-        plan.replicas = seen.count // len(chosen)
+        plan.devices, plan.replicas, plan.device_groups = seen.count, 1, [chosen]  # the one replica asked for
     else:
         plan = plan_inference(job, shape, seen, size, name, batch=batch, context=context)
         chosen = plan.device_groups[0]
