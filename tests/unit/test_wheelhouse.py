@@ -111,3 +111,46 @@ def test_an_image_cla2_cannot_run_on_is_refused_before_any_download(wheel, tmp_p
     if provided:
         assert "needs torch>=2.1" in proc.stderr and "torch2.1.0" in proc.stderr
     assert not dest.exists(), "nothing may be downloaded for an image that cannot run cla2"
+
+
+def test_deepspeed_from_pypi_is_built_once_as_pure_python_for_the_torch_2_1_image(wheel, tmp_path):
+    dest = tmp_path / "wheelhouse"
+    proc = run(wheel, dest, "--python-version", "3.10", "--provided", "torch==2.1.0", "--deepspeed", "pypi")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["deepspeed"] == "deepspeed"
+    (ds,) = dest.glob("deepspeed-*.whl")
+    assert ds.name.endswith("-py3-none-any.whl"), ds.name  # its ops are compiled just in time on the host
+    got = versions(dest)
+    assert "torch" not in got, "the image's own torch must never be downloaded"
+    assert not list(dest.glob("*+provided*"))
+    # DeepSpeed's own requirements are in the wheelhouse (the install there has no index)
+    with zipfile.ZipFile(ds) as zf:
+        meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        required = [line.split(":", 1)[1].strip() for line in zf.read(meta).decode().splitlines()
+                    if line.startswith("Requires-Dist:") and "extra ==" not in line]
+    for req in required:
+        name = re.split(r"[<>=!~ ;\[(]", req, maxsplit=1)[0].lower().replace("-", "_")
+        assert name == "torch" or name in got, f"{req} is not in the wheelhouse"
+
+
+def test_the_vendors_deepspeed_wheel_goes_in_as_it_is(wheel, tmp_path):
+    vendor = tmp_path / "vendor"
+    vendor.mkdir()
+    stub = load_script().stub_wheel(vendor, "deepspeed", "0.8.0")  # deepspeed-0.8.0+provided-py3-none-any.whl
+    cndsp = vendor / "deepspeed-0.8.0+cndsp-cp310-cp310-linux_x86_64.whl"  # as a vendor tags a local build
+    stub.rename(cndsp)
+    dest = tmp_path / "wheelhouse"
+    proc = run(wheel, dest, "--python-version", "3.10", "--provided", "torch==2.1.0", "--deepspeed", str(cndsp))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["deepspeed"] == "deepspeed"
+    assert [p.name for p in dest.glob("deepspeed-*.whl")] == [cndsp.name], "PyPI's DeepSpeed must not come in"
+
+
+def test_a_vendor_deepspeed_that_is_not_a_wheel_is_refused(wheel, tmp_path):
+    proc = run(wheel, tmp_path / "wheelhouse", "--python-version", "3.10", "--provided", "torch==2.1.0",
+               "--deepspeed", str(tmp_path / "cndsp-0.8.0.tar.gz"))
+    assert proc.returncode == 2
+    assert "not a wheel file" in proc.stderr
+    assert not (tmp_path / "wheelhouse").exists()

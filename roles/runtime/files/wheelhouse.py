@@ -3,7 +3,7 @@
 
     wheelhouse.py --wheel cla2-0.1.0-py3-none-any.whl --dest DIR --python-version 3.11 \
         --platform manylinux_2_28_x86_64 --provided torch==2.13.0 [--constraint 'SPEC' ...] \
-        [--pip 'python3 -m pip']
+        [--pip 'python3 -m pip'] [--deepspeed pypi | --deepspeed files/cndsp-....whl]
     wheelhouse.py --pins-for-torch 2.1.2      the pins it adds for that torch, one a line
 
 Packages the image already ships (``--provided``, e.g. torch and torch_mlu in Cambricon's image) are
@@ -16,6 +16,13 @@ The image's torch must satisfy the wheel's own ``torch`` extra (cla2: ``torch>=2
 refused before anything is downloaded. pip alone cannot pick the right versions for an older torch:
 transformers and numpy do not declare the torch they need, so the newest ones would be taken and fail
 at import in the image. ``TORCH_LIMITS`` adds the pins that are known to be needed.
+
+``--deepspeed`` adds DeepSpeed: ``pypi`` takes the wheel's ``deepspeed`` extra. PyPI publishes DeepSpeed as
+a source distribution only, so it is built once on the controller into a pure-Python wheel (ops compiled
+just in time on the host, ``DS_BUILD_OPS=0``), under the same pins, then resolved for the image like any
+other wheel. A path takes the vendor's wheel as it is (Cambricon's cndsp build): it goes into the
+wheelhouse with its own dependencies, and cla2's ``deepspeed`` extra (which names PyPI's versions) is not
+used. The JSON line names the requirement to install (``deepspeed``).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import argparse
 import base64
 import hashlib
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -92,6 +100,28 @@ def stub_wheel(folder: Path, name: str, version: str) -> Path:
     return out
 
 
+def build_deepspeed(args: argparse.Namespace, folder: Path, constraints: Path) -> str | None:
+    """Build (or take) a pure-Python DeepSpeed wheel under the pins into folder; its version, or None."""
+    cmd = [*shlex.split(args.pip), "wheel", "--quiet", "--no-deps", "--wheel-dir", str(folder),
+           "--constraint", str(constraints), "deepspeed"]
+    if args.index_url:
+        cmd += ["--index-url", args.index_url]
+    env = {**os.environ, "DS_BUILD_OPS": "0"}
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
+    found = sorted(folder.glob("deepspeed-*.whl"))
+    if proc.returncode or not found:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        sys.stderr.write("could not build a DeepSpeed wheel on the controller (see pip's message above); "
+                         "provide the vendor's wheel instead (runtime_deepspeed_wheel)\n")
+        return None
+    name = found[-1].name
+    if not name.endswith("-py3-none-any.whl"):
+        sys.stderr.write(f"{name}: DeepSpeed was built for this controller, not as pure Python; "
+                         "provide a wheel for the image instead (runtime_deepspeed_wheel)\n")
+        return None
+    return name.split("-")[1]
+
+
 def main() -> int:
     if sys.argv[1:2] == ["--pins-for-torch"] and len(sys.argv) == 3:
         # What the Makefile's torch 2.1 test environment takes, so that it resolves as the role does.
@@ -107,7 +137,12 @@ def main() -> int:
                     help="an extra pin for the resolution, e.g. 'transformers==4.55.4' (repeatable)")
     ap.add_argument("--pip", default=f"{sys.executable} -m pip")
     ap.add_argument("--index-url", default="")
+    ap.add_argument("--deepspeed", default="",
+                    help="'pypi' (cla2's deepspeed extra) or the path of the vendor's DeepSpeed wheel")
     args = ap.parse_args()
+    vendor_ds = Path(args.deepspeed) if args.deepspeed not in ("", "pypi") else None
+    if vendor_ds is not None and (vendor_ds.suffix != ".whl" or not vendor_ds.is_file()):
+        ap.error(f"--deepspeed {args.deepspeed!r}: not a wheel file (give 'pypi' or the vendor's .whl)")
 
     provided = []  # (name, version) as given
     for spec in args.provided:
@@ -143,6 +178,22 @@ def main() -> int:
             stub_wheel(stubs, name, version)
             lines.append(f"{name}=={version}+provided")
         constraints.write_text("\n".join(lines) + "\n")
+        requirements = [args.wheel]
+        ds_name = ""
+        if vendor_ds is not None:
+            # NAME-VERSION(-BUILD)-PY-ABI-PLATFORM.whl: its platform tag may be a plain linux_x86_64
+            ds_name = vendor_ds.name.split("-")[0]
+            tag = vendor_ds.name[:-len(".whl")].split("-")[-1]
+            platforms = [*platforms, *(t for t in tag.split(".") if t != "any" and t not in platforms)]
+            requirements.append(str(vendor_ds.resolve()))
+        elif args.deepspeed == "pypi":
+            ds_name = "deepspeed"
+            built = build_deepspeed(args, stubs, constraints)
+            if built is None:
+                return 1
+            lines.append(f"deepspeed=={built}")
+            constraints.write_text("\n".join(lines) + "\n")
+            requirements = [f"{args.wheel}[deepspeed]"]
         cmd = [*shlex.split(args.pip), "download", "--quiet", "--dest", str(args.dest),
                "--only-binary=:all:", "--python-version", args.python_version, "--implementation", "cp",
                "--abi", f"cp{pyver}", "--find-links", str(stubs), "--constraint", str(constraints)]
@@ -150,7 +201,7 @@ def main() -> int:
             cmd += ["--platform", plat]
         if args.index_url:
             cmd += ["--index-url", args.index_url]
-        cmd.append(args.wheel)
+        cmd += requirements
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if proc.returncode:
             sys.stderr.write(proc.stdout + proc.stderr)
@@ -164,7 +215,7 @@ def main() -> int:
     if own.exists():
         own.unlink()  # the wheelhouse holds the dependencies only; the wheel travels on its own
     names = sorted(p.name for p in args.dest.glob("*.whl"))
-    print(json.dumps({"dest": str(args.dest), "wheels": names, "constraints": pins}))
+    print(json.dumps({"dest": str(args.dest), "wheels": names, "constraints": pins, "deepspeed": ds_name}))
     return 0
 
 
