@@ -276,3 +276,29 @@ def test_cli_serve_process(tiny_model):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_cli_serve_reports_a_placement_that_cannot_work_through_health(tiny_model):
+    """`cla2 serve --devices 0,1` on a host with one device: the server listens and /health gives the plan's
+    refusal (as the service role reads any failure to load), instead of a process gone before anyone asks."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cla2", "serve", "--model", str(tiny_model), "--port", str(port),
+                             "--no-web", "--device", "cpu", "--devices", "0,1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        body = None
+        while time.time() < deadline:
+            try:
+                body = httpx.get(url + "/health").json()
+                if body["status"] != "loading":
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        assert body is not None and body["status"] == "error"
+        assert "device 1 does not exist; this process sees 1 device(s)" in body["error"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

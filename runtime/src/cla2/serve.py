@@ -426,9 +426,12 @@ def main(
     if not Path(model).is_dir():
         raise FileNotFoundError(f"model folder {model} does not exist")
     name = model_name or Path(model).resolve().name
-    placement, replica = plan.for_inference("serve", model, device, dtype, devices, max_batch_size)
 
     def loader() -> Engine:
+        # The plan runs first here, not before the server listens: a model that does not fit (or --devices
+        # that do not exist) is reported, with the numbers, by /health and the log, as any failure to load
+        # is, rather than by a process that exits before anyone can ask it why.
+        placement, replica = plan.for_inference("serve", model, device, dtype, devices, max_batch_size)
         return Engine.from_pretrained(model, adapter=adapter, device=device, dtype=dtype,
                                       max_batch_size=placement.batch, name=name, truncate=truncate,
                                       decode_graphs=decode_graphs, devices=replica,
