@@ -13,7 +13,7 @@ COMPAT_VENV := .venv-runtime-torch21
 COMPAT_TORCH ?= 2.1.2
 FIXTURES := $(CURDIR)/.cache/fixtures
 # Molecule scenarios run by `make test`, in order.
-SCENARIOS ?= default preflight_driver_failures image_weights_failures jobs multinode
+SCENARIOS ?= default preflight_driver_failures image_weights_failures jobs service_replicas multinode
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export CLA2_FIXTURES := $(FIXTURES)
 # pip that builds the runtime's wheelhouse and the stand-in image's wheels on the controller

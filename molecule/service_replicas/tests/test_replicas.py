@@ -1,0 +1,221 @@
+"""Verify the service_replicas scenario: 2 cla2 serve replicas pinned to the fake device groups [[0], [1]]
+behind one HAProxy endpoint; a killed replica comes back while the endpoint keeps answering; a rolling
+restart fails no request; a device group the host lacks is refused before anything changes."""
+
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
+KEY = "molecule-secret"
+PORT = 19327
+NAME = "cla2-serve"
+REPLICAS = [0, 1]
+BASE_PORT = PORT + 100
+SOCK = f"/run/{NAME}/admin.sock"
+VARS = {"inference_service_model": "tiny-llama", "inference_service_device_groups": [[0], [1]],
+        "inference_service_api_key": KEY, "inference_service_bind_address": "0.0.0.0"}
+
+
+def play(**extra):
+    cmd = ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], str(ROOT / "playbooks" / "serve.yml"),
+           "-e", json.dumps({**VARS, **extra})]
+    env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_ROLES_PATH": str(ROOT / "roles")}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+
+
+def inspect(host, name):
+    return json.loads(host.check_output(f"docker inspect {name}"))[0]
+
+
+def address(host):
+    """The sandbox host's address as the controller reaches it (the endpoint binds 0.0.0.0): its container's
+    address on the controller's docker network (inside, `hostname -I` lists the nested docker0 first)."""
+    fmt = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"
+    ip = subprocess.check_output(["docker", "inspect", "-f", fmt, host.backend.host], text=True).split()[0]
+    return f"http://{ip}:{PORT}"
+
+
+def haproxy_status(host):
+    out = host.check_output(f"/usr/local/sbin/cla2-haproxy-admin {SOCK} 'show stat'")
+    rows = [line.split(",") for line in out.splitlines() if line.startswith("replicas,r")]
+    return {row[1]: row[17] for row in rows}
+
+
+def wait_until(check, seconds, what):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(1)
+    raise AssertionError(f"not within {seconds}s: {what}")
+
+
+def chat(url, timeout=60):
+    return requests.post(f"{url}/v1/chat/completions", timeout=timeout, headers={"Authorization": f"Bearer {KEY}"},
+                         json={"messages": [{"role": "user", "content": "你好"}], "max_tokens": 4, "temperature": 0})
+
+
+class Client(threading.Thread):
+    """Sends chat completions through the endpoint back to back and records every status."""
+
+    def __init__(self, url):
+        super().__init__(daemon=True)
+        self.url, self.codes, self.stop = url, [], threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                self.codes.append(chat(self.url).status_code)
+            except requests.RequestException as exc:
+                self.codes.append(repr(exc))
+
+    def finish(self):
+        self.stop.set()
+        self.join(90)
+        return self.codes
+
+
+def test_each_replica_is_its_own_unit_pinned_to_its_device_group(host):
+    for r in REPLICAS:
+        svc = host.service(f"{NAME}-r{r}")
+        assert svc.is_enabled and svc.is_running
+        info = inspect(host, f"{NAME}-r{r}")
+        devices = {d["PathOnHost"]: d["PathInContainer"] for d in info["HostConfig"]["Devices"]}
+        # only its own device node (seen inside as device 0), plus the shared control nodes
+        assert devices == {f"/dev/cambricon_dev{r}": "/dev/cambricon_dev0", "/dev/cambricon_ctl": "/dev/cambricon_ctl",
+                           "/dev/cambricon_ipcm0": "/dev/cambricon_ipcm0"}
+        assert "MLU_VISIBLE_DEVICES=0" in info["Config"]["Env"]
+        args = info["Config"]["Cmd"]
+        assert args[args.index("--devices") + 1] == "0"
+        assert args[args.index("--port") + 1] == str(BASE_PORT + r)
+        assert args[args.index("--host") + 1] == "127.0.0.1"
+        inside = host.check_output(f"docker exec {NAME}-r{r} sh -c 'ls -1 /dev | grep ^cambricon_dev'").split()
+        assert inside == ["cambricon_dev0"]
+        assert host.socket(f"tcp://127.0.0.1:{BASE_PORT + r}").is_listening
+
+
+def test_endpoint_is_haproxy_with_active_health_checks_and_both_replicas_up(host):
+    svc = host.service(NAME)
+    assert svc.is_enabled and svc.is_running
+    cfg = host.file(f"/etc/haproxy/{NAME}.cfg").content_string
+    assert "option httpchk GET /health" in cfg and "http-check expect status 200" in cfg
+    assert "option redispatch" in cfg and "retries 3" in cfg
+    assert host.socket(f"tcp://0.0.0.0:{PORT}").is_listening
+    assert "haproxy" in host.check_output(f"ss -ltnp 'sport = :{PORT}'")
+    assert haproxy_status(host) == {"r0": "UP", "r1": "UP"}
+    assert host.run(f"haproxy -c -f /etc/haproxy/{NAME}.cfg").rc == 0
+
+
+def test_chat_completion_through_the_endpoint_and_the_key_is_checked(host):
+    url = address(host)
+    res = chat(url)
+    assert res.status_code == 200, res.text
+    assert res.json()["choices"][0]["message"]["role"] == "assistant"
+    refused = requests.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]},
+                            timeout=30)
+    assert refused.status_code == 401
+    assert requests.get(f"{url}/health", timeout=30).json()["status"] == "ok"
+    # both replicas serve: HAProxy's per-server request counters (field 7, stot) grow on both
+    for _ in range(8):
+        assert chat(url).status_code == 200
+    out = host.check_output(f"/usr/local/sbin/cla2-haproxy-admin {SOCK} 'show stat'")
+    totals = {row.split(",")[1]: int(row.split(",")[7]) for row in out.splitlines() if row.startswith("replicas,r")}
+    assert all(n > 0 for n in totals.values()), totals
+
+
+def test_no_secret_in_the_units_and_the_env_file_is_private(host):
+    for unit in [NAME] + [f"{NAME}-r{r}" for r in REPLICAS]:
+        assert KEY not in host.file(f"/etc/systemd/system/{unit}.service").content_string
+    env = host.file(f"/etc/cla2/{NAME}.env")
+    assert env.mode == 0o600 and env.user == "root"
+    assert KEY not in host.file(f"/etc/haproxy/{NAME}.cfg").content_string
+
+
+def test_killed_replica_endpoint_keeps_answering_and_systemd_brings_it_back(host):
+    url = address(host)
+    restarts = int(host.check_output(f"systemctl show -p NRestarts --value {NAME}-r0"))
+    started = inspect(host, f"{NAME}-r0")["State"]["StartedAt"]
+    client = Client(url)
+    client.start()
+    time.sleep(2)
+    # kill -9 the serve process itself (not docker-init)
+    pid = host.check_output(f"docker top {NAME}-r0 -eo pid,args | awk 'NR > 1 && /cla2 serve/ && !/docker-init/ "
+                            "{{print $1; exit}}'")
+    assert pid.strip().isdigit(), pid
+    host.check_output(f"kill -9 {pid}")
+    wait_until(lambda: haproxy_status(host).get("r0") != "UP", 20, "HAProxy takes the killed replica out")
+    wait_until(lambda: int(host.check_output(f"systemctl show -p NRestarts --value {NAME}-r0")) > restarts, 60,
+               "systemd restarts the killed replica")
+    wait_until(lambda: haproxy_status(host) == {"r0": "UP", "r1": "UP"}, 120, "HAProxy sees the replica UP again")
+    time.sleep(2)
+    codes = client.finish()
+    assert inspect(host, f"{NAME}-r0")["State"]["StartedAt"] != started
+    assert len(codes) >= 10, codes
+    assert set(codes) == {200}, [c for c in codes if c != 200]
+
+
+def test_rolling_restart_on_a_new_configuration_fails_no_request(host):
+    url = address(host)
+    before = {r: inspect(host, f"{NAME}-r{r}")["State"]["StartedAt"] for r in REPLICAS}
+    # a configuration the replicas do not run yet (the test may run twice on one converge)
+    batch = "3" if "4" in inspect(host, f"{NAME}-r0")["Config"]["Cmd"] else "4"
+    client = Client(url)
+    client.start()
+    time.sleep(2)
+    res = play(inference_service_extra_args=["--max-batch-size", batch])
+    time.sleep(2)
+    codes = client.finish()
+    assert res.returncode == 0, res.stdout[-4000:]
+    assert "Drain in HAProxy: cla2-serve-r0" in res.stdout and "Drain in HAProxy: cla2-serve-r1" in res.stdout
+    for r in REPLICAS:
+        info = inspect(host, f"{NAME}-r{r}")
+        assert info["State"]["StartedAt"] != before[r]
+        args = info["Config"]["Cmd"]
+        assert args[args.index("--max-batch-size") + 1] == batch
+    assert haproxy_status(host) == {"r0": "UP", "r1": "UP"}
+    assert len(codes) >= 10, codes
+    assert set(codes) == {200}, [c for c in codes if c != 200]
+    # the same configuration again changes nothing
+    again = play(inference_service_extra_args=["--max-batch-size", batch])
+    assert again.returncode == 0 and "changed=0" in again.stdout, again.stdout[-3000:]
+
+
+def test_device_groups_that_do_not_match_the_host_are_refused_before_anything_changes(host):
+    unit = host.file(f"/etc/systemd/system/{NAME}-r0.service").content_string
+    res = play(inference_service_device_groups=[[0], [0, 2]])
+    assert res.returncode != 0
+    assert "device 2 is not on this host (no /dev/cambricon_dev2)" in res.stdout
+    assert "device 0 is in 2 groups" in res.stdout
+    res = play(inference_service_replicas=3)
+    assert res.returncode != 0
+    assert "inference_service_replicas 3 but there are 2 device groups [[0], [1]]" in res.stdout
+    assert host.file(f"/etc/systemd/system/{NAME}-r0.service").content_string == unit
+    assert not host.file(f"/etc/systemd/system/{NAME}-r2.service").exists
+    assert haproxy_status(host) == {"r0": "UP", "r1": "UP"}
+
+
+def test_a_model_that_does_not_load_fails_the_play_with_the_cause_and_the_endpoint_reports_it(host):
+    # No plan can be made for it (config.json without the shape): the role says so and runs one replica on
+    # every device, whose /health carries the cause; the endpoint passes that answer on (no replica is UP).
+    host.check_output("mkdir -p /data/models/broken && echo '{\"model_type\": \"llama\"}' > /data/models/broken/config.json")
+    try:
+        res = play(inference_service_model="broken", inference_service_name="cla2-broken", inference_service_port=19400,
+                   inference_service_device_groups=[], inference_service_health_timeout=60)
+        assert res.returncode != 0
+        assert "cla2 plan serve --model /data/models/broken" in res.stdout, res.stdout[-3000:]
+        assert "cla2-broken replica r0 (devices 0,1)" in res.stdout and "did not load /data/models/broken" in res.stdout
+        assert "lacks hidden_size" in res.stdout
+        health = requests.get(f"{address(host).rsplit(':', 1)[0]}:19400/health", timeout=30)
+        assert health.status_code == 503
+        assert health.json()["status"] == "error" and "lacks hidden_size" in health.json()["error"]
+    finally:
+        host.run("systemctl disable --now cla2-broken cla2-broken-r0; rm -f /etc/systemd/system/cla2-broken*.service; "
+                 "systemctl daemon-reload")
+    # the other service on the host is untouched
+    assert haproxy_status(host) == {"r0": "UP", "r1": "UP"}
