@@ -130,6 +130,11 @@ def test_resume_reaches_the_same_step_with_a_close_loss(tmp_path, tiny_model_sma
     # resuming with other settings is refused, naming the setting
     with pytest.raises(TrainingSetupError, match="lora_rank"):
         finetune.main(tiny_model_small_tok, sft_data, out, resume=True, **{**kw, "lora_rank": 4})
+    # so is resuming with another number of ranks: each rank's checkpoint state is its own
+    run_file = out / "run.json"
+    run_file.write_text(json.dumps({**json.loads(run_file.read_text()), "world_size": 16}))
+    with pytest.raises(TrainingSetupError, match=r"written by 16 rank\(s\), this launch has 1"):
+        finetune.main(tiny_model_small_tok, sft_data, out, resume=True, **kw)
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path, tiny_model_small_tok, sft_data):

@@ -119,7 +119,8 @@ def _jsonable(v):
     return v
 
 
-def check_out(out: Path, job: str, resume: bool, overwrite: bool, settings: dict) -> Path | None:
+def check_out(out: Path, job: str, resume: bool, overwrite: bool, settings: dict,
+              world_size: int = 1) -> Path | None:
     """Apply the resume / overwrite rules; returns the checkpoint to resume from, or None."""
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output {out} exists and is not a folder: choose another --out")
@@ -140,6 +141,11 @@ def check_out(out: Path, job: str, resume: bool, overwrite: bool, settings: dict
             diff = "; ".join(f"{k}: {before[k]!r} then, {settings[k]!r} now" for k in changed)
             raise TrainingSetupError(f"--resume in {out}: the run there was started with other settings ({diff}): "
                                      "repeat the original flags, or choose another --out")
+        if ckpt is not None and previous.get("world_size", world_size) != world_size:
+            # A checkpoint holds each rank's optimizer (ZeRO: its partition of everything) and data order.
+            raise TrainingSetupError(
+                f"--resume in {out}: its checkpoints were written by {previous['world_size']} rank(s), this launch "
+                f"has {world_size}: resume with {previous['world_size']} ranks (devices x nodes), or choose another --out")
     if resume and (ckpt is not None or previous is not None):
         return ckpt  # continue (or start afresh in our own folder when no checkpoint was saved yet)
     if busy and not overwrite:
@@ -300,7 +306,7 @@ def run(
     torch_dtype = parse_dtype(dtype, dev)
     check_ranks(dev)
     settings = {k: _jsonable(v) for k, v in args.items() if not k.startswith("_")}
-    resume_from = check_out(out, job, resume, overwrite, settings)
+    resume_from = check_out(out, job, resume, overwrite, settings, world_size)
     ds_config = resolve_deepspeed(deepspeed)
     check_loadable(model)  # a folder without weights, or weights transformers won't read, fail here
     if not (model / "config.json").exists():
