@@ -79,4 +79,6 @@ def test_service_that_cannot_load_its_model_fails_with_the_cause(host):
         health = json.loads(host.check_output("curl -s http://127.0.0.1:19400/health"))
         assert health["status"] == "error" and health["error"]
     finally:
-        host.run("systemctl disable --now cla2-broken; rm -f /etc/systemd/system/cla2-broken.service; systemctl daemon-reload")
+        # the endpoint and its replica units (cla2-broken, cla2-broken-r0)
+        host.run("systemctl disable --now cla2-broken cla2-broken-r0; rm -f /etc/systemd/system/cla2-broken*.service; "
+                 "systemctl daemon-reload")
