@@ -173,3 +173,22 @@ def test_torchrun_launches_a_rank_per_device_over_cncl(runtime):
     tensors.pop("__metadata__", None)
     assert any("lora_A" in k for k in tensors) and any("lora_B" in k for k in tensors)
     assert all(n > 0 for t in tensors.values() for n in t["shape"])
+
+
+def test_eval_splits_its_subjects_over_two_replicas(runtime):
+    """`cla2 eval` on the sandbox's two simulated devices: the plan puts a replica of the tiny model on each,
+    the subjects are scored in two replica processes (one per device group), and the merged summary and
+    predictions equal a one-replica run's."""
+    data = f"{runtime.data_root}/datasets/cla2-demo/ceval"
+    runs = {}
+    for replicas in ("2", "1"):
+        out = f"{WORK}/eval-{replicas}"
+        res = runtime.run("cla2", "eval", "ceval", "--model", runtime.model, "--data", data, "--out", out,
+                          "--device", "mlu", "--dtype", "fp32", "--replicas", replicas, timeout=300)
+        runs[replicas] = ({f: runtime.output("cat", f"{out}/take0/{f}") for f in ("summary.json", "submission.json")},
+                          json.loads(runtime.output("cat", f"{out}/run.json")), res.stderr)
+    (two, two_run, log), (one, one_run, _) = runs["2"], runs["1"]
+    assert "over 2 replicas (devices 0; 1)" in log
+    assert two_run["device_groups"] == [[0], [1]] and one_run["device_groups"] == [[0]]
+    assert two == one
+    assert len(json.loads(two["summary.json"])) > 2  # subjects, grouped, All
