@@ -249,6 +249,21 @@ def test_cli_refuses_public_bind_without_key(tiny_model):
     assert p.returncode != 0 and "API key" in p.stderr
 
 
+def health_after_loading(url: str, timeout: float = 120) -> dict:
+    """/health of a `cla2 serve` process once it is listening and no longer loading (or the last answer)."""
+    deadline = time.time() + timeout
+    body: dict = {}
+    while time.time() < deadline:
+        try:
+            body = httpx.get(url + "/health").json()
+            if body["status"] != "loading":
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    return body
+
+
 def test_cli_serve_process(tiny_model):
     """`cla2 serve` as operators run it: listens, loads, answers, with the key from the environment."""
     port = free_port()
@@ -258,18 +273,7 @@ def test_cli_serve_process(tiny_model):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        status = None
-        while time.time() < deadline:
-            try:
-                r = httpx.get(url + "/health")
-                status = r.json()["status"]
-                if status != "loading":
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        assert status == "ok"
+        assert health_after_loading(url)["status"] == "ok"
         r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                        json={"model": "alpaca", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
         assert r.status_code == 200 and r.json()["model"] == "alpaca"
@@ -286,18 +290,8 @@ def test_cli_serve_reports_a_placement_that_cannot_work_through_health(tiny_mode
                              "--no-web", "--device", "cpu", "--devices", "0,1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        body = None
-        while time.time() < deadline:
-            try:
-                body = httpx.get(url + "/health").json()
-                if body["status"] != "loading":
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        assert body is not None and body["status"] == "error"
+        body = health_after_loading(f"http://127.0.0.1:{port}")
+        assert body["status"] == "error"
         assert "device 1 does not exist; this process sees 1 device(s)" in body["error"]
     finally:
         proc.terminate()
