@@ -295,12 +295,30 @@ def _fits(shares: list[DeviceShare]) -> bool:
     return all(s.total <= s.capacity for s in shares)
 
 
+def _max_batch(shape: Shape, group: list[int], dtype_bytes: int, kind: str, context: int, scoring: bool) -> int:
+    """The largest batch (up to 4096) whose KV cache and logits fit beside the weights on every device of
+    ``group`` (their memory): each device's need is its need at batch 0 plus a fixed amount per sequence."""
+    empty = _shares(shape, group, dtype_bytes, kind, 0, context, scoring)
+    one = _shares(shape, group, dtype_bytes, kind, 1, context, scoring)
+    fits = [(e.capacity - e.total) // (o.total - e.total) for e, o in zip(empty, one, strict=True)
+            if o.total > e.total]
+    return max(0, min([4096, *fits]))
+
+
 def plan_inference(job: str, shape: Shape, devices: Devices, dtype_bytes: int, dtype: str = "fp16",
                    devices_per_replica: int | None = None, batch: int | None = None,
-                   context: int | None = None) -> InferencePlan:
+                   context: int | None = None, group: list[int] | None = None,
+                   keep_batch: bool = False) -> InferencePlan:
     """Devices per replica, replicas and the KV cache budget of an inference job (see the module doc).
-    ``batch``: the batch the job asked for (None: its default), cut to what fits; ``for_inference`` lets a
-    batch the operator gave explicitly stand, with a warning."""
+    ``batch``: the batch the job asked for (None: its default), cut to what fits, or, with ``keep_batch``
+    (the operator gave it), kept with a warning. ``group``: the device indices of the one replica to plan
+    (``--devices``) instead of the host's replicas."""
+    if group is not None:
+        plan = plan_inference(job, shape, Devices(devices.kind, tuple(devices.memory[d] for d in group)), dtype_bytes,
+                              dtype, devices_per_replica=len(group), batch=batch, context=context,
+                              keep_batch=keep_batch)
+        plan.devices, plan.replicas, plan.device_groups = devices.count, 1, [list(group)]
+        return plan
     if job not in INFERENCE_JOBS:
         raise PlanError(f"{job} is not an inference job ({', '.join(INFERENCE_JOBS)})")
     context = context or shape.context
@@ -326,25 +344,19 @@ def plan_inference(job: str, shape: Shape, devices: Devices, dtype_bytes: int, d
         if not _fits(one):
             continue
         # The largest batch whose KV cache (and logits) fit beside the weights, at full context.
-        lo, hi = 1, 1
-        while hi < 4096 and _fits(_shares(shape, group, dtype_bytes, devices.kind, hi * 2, context, job == "eval")):
-            hi *= 2
-        lo = hi
-        hi = min(hi * 2, 4096)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if _fits(_shares(shape, group, dtype_bytes, devices.kind, mid, context, job == "eval")):
-                lo = mid
-            else:
-                hi = mid - 1
-        max_batch = lo
-        use = min(want, max_batch)
+        max_batch = _max_batch(shape, group, dtype_bytes, devices.kind, context, job == "eval")
+        use = want if keep_batch else min(want, max_batch)
         shares = _shares(shape, group, dtype_bytes, devices.kind, use, context, job == "eval")
         replicas = devices.count // k
         notes = []
         if use < want:
             notes.append(f"batch cut from {want} to {use}: the KV cache of {want} sequences of {context} tokens "
                          "does not fit beside the weights (give fewer tokens of context, or more devices per replica)")
+        elif use > max_batch:
+            # The operator's batch overrides the plan's cut: it fits while the requests are shorter than the
+            # window, and the engine fails a request cleanly when the device runs out.
+            notes.append(f"batch {use} kept as given, above the {max_batch} full-context sequences whose KV "
+                         "cache the plan finds room for: long requests together may run out of device memory")
         if devices.count % k:
             notes.append(f"{devices.count % k} device(s) left idle: {devices.count} is not a multiple of {k}")
         return InferencePlan(
@@ -514,6 +526,15 @@ def plan_training(job: str, shape: Shape, device_memory: int, world_size: int, d
 
 
 # ------------------------------------------------------------------------------------------ the jobs' entry
+def dtype_name(torch_dtype) -> tuple[str, int]:
+    """A torch dtype as the plan names it (fp32, fp16, bf16), and its size in bytes."""
+    import torch
+
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    return (names.get(torch_dtype, str(torch_dtype).replace("torch.", "")),
+            torch.tensor([], dtype=torch_dtype).element_size())
+
+
 def check_devices(devices: list[int] | None, count: int) -> list[int] | None:
     """A replica's ``--devices``: each must exist and be named once."""
     if devices is None:
@@ -534,36 +555,13 @@ def for_inference(job: str, model: Path, device: str | None, dtype: str | None, 
                   batch: int | None, context: int | None = None, quiet: bool = False):
     """The plan an inference job runs by, and the devices of its replica (``--devices``, else the plan's
     first group). Raises PlanError, with the numbers, before anything is loaded."""
-    import torch
-
     from cla2.device import parse_dtype, pick
 
-    dev = pick(device)
-    torch_dtype = parse_dtype(dtype, dev)
+    name, size = dtype_name(parse_dtype(dtype, pick(device)))
     seen = visible_devices(device)
-    chosen = check_devices(devices, seen.count)
-    shape = read_shape(model)
-    name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(torch_dtype, str(torch_dtype))
-    size = torch.tensor([], dtype=torch_dtype).element_size()
-    if chosen is not None:
-        group = Devices(seen.kind, tuple(seen.memory[d] for d in chosen))
-        plan = plan_inference(job, shape, group, size, name, devices_per_replica=len(chosen), batch=batch,
-                              context=context)
-        plan.devices, plan.replicas, plan.device_groups = seen.count, 1, [chosen]  # the one replica asked for
-    else:
-        plan = plan_inference(job, shape, seen, size, name, batch=batch, context=context)
-        chosen = plan.device_groups[0]
-    if batch is not None and batch > plan.batch:
-        # The operator's explicit batch overrides the plan's cut: it fits while the requests are shorter
-        # than the window, and the engine fails a request cleanly when the device runs out.
-        plan.notes = [n for n in plan.notes if not n.startswith("batch cut")]
-        plan.notes.append(f"batch {batch} kept as given, above the {plan.max_batch} full-context sequences whose "
-                          "KV cache the plan finds room for: long requests together may run out of device memory")
-        plan.batch = batch
-        plan.shares = _shares(shape, [seen.memory[d] for d in chosen], size, seen.kind, batch, plan.context,
-                              job == "eval")
-        plan.kv_cache_bytes = sum(s.kv_cache for s in plan.shares)
-        plan.bytes_per_device = max(s.total for s in plan.shares)
+    plan = plan_inference(job, read_shape(model), seen, size, name, batch=batch, context=context,
+                          group=check_devices(devices, seen.count), keep_batch=batch is not None)
+    chosen = plan.device_groups[0]
     if not quiet:
         print(plan.summary(), file=sys.stderr)
     return plan, chosen

@@ -245,11 +245,11 @@ def plan_run(job: str, model: Path, dev: Device, torch_dtype: torch.dtype, world
     else:  # ZeRO-1 partitions less than ZeRO-2: plan it as 2, the nearest the plan knows
         stage = {0: 0, 1: 2, 2: 2, 3: 3}.get(int(ds_config.get("zero_optimization", {}).get("stage", 0)), 3)
     # On the CPU the frozen base stays in fp32 (and autocasts), as loaded below.
-    dtype = torch_dtype if dev.torch_device().type != "cpu" else torch.float32
+    name, size = plan.dtype_name(torch_dtype if dev.torch_device().type != "cpu" else torch.float32)
     try:
         return plan.plan_training(
-            job, plan.read_shape(model), device_memory, world_size, torch.tensor([], dtype=dtype).element_size(),
-            str(dtype).replace("torch.", ""), dev.kind, seq_len=seq_len, batch=batch_size,
+            job, plan.read_shape(model), device_memory, world_size, size, name, dev.kind, seq_len=seq_len,
+            batch=batch_size,
             gradient_accumulation_steps=gradient_accumulation_steps, lora_rank=lora_rank,
             lora_targets=tuple(lora_targets), modules_to_save=tuple(modules_to_save), zero_stage=stage,
             gradient_checkpointing=gradient_checkpointing)
