@@ -183,8 +183,8 @@ def main(
     params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                              repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
                              seed=None if seed is None else seed + i) for i in range(len(prompts))]
+    check_prompts(input, prompts, params, model, adapter, truncate)  # before any model loads or replica starts
     if len(groups) > 1:
-        check_prompts(input, prompts, params, model, adapter, truncate)  # before any replica starts
         return across_replicas(groups, records, output, {k: v for k, v in locals().items() if k in REPLICA_FLAGS},
                                seed)
     engine = Engine.from_pretrained(model, adapter=adapter, device=device, dtype=dtype,
@@ -192,11 +192,6 @@ def main(
                                     decode_graphs=decode_graphs, devices=replica,
                                     layer_groups=[s.layers for s in placement.shares])
     try:
-        for n, (p, sp) in enumerate(zip(prompts, params, strict=True), 1):  # refuse bad input before generating anything
-            try:
-                engine.check_prompt(engine.encode(p), sp.validate(engine.window))
-            except InvalidRequest as exc:
-                raise ValueError(f"{input}, prompt {n}: {exc}") from None
         from tqdm import tqdm
 
         started = time.perf_counter()

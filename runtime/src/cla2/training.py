@@ -223,7 +223,7 @@ def check_ranks(dev: Device) -> None:
             f"or set {env} to the {ranks} device(s) to train on")
 
 
-def plan_run(job: str, model: Path, dev: Device, torch_dtype: torch.dtype, world_size: int, deepspeed: str | None,
+def plan_run(job: str, model: Path, dev: Device, base_dtype: torch.dtype, world_size: int, deepspeed: str | None,
              ds_config: dict | None, gradient_checkpointing: bool | None, batch_size: int,
              gradient_accumulation_steps: int, seq_len: int, lora_rank: int, lora_targets: Sequence[str],
              modules_to_save: Sequence[str]):
@@ -244,8 +244,7 @@ def plan_run(job: str, model: Path, dev: Device, torch_dtype: torch.dtype, world
         stage = 0
     else:  # ZeRO-1 partitions less than ZeRO-2: plan it as 2, the nearest the plan knows
         stage = {0: 0, 1: 2, 2: 2, 3: 3}.get(int(ds_config.get("zero_optimization", {}).get("stage", 0)), 3)
-    # On the CPU the frozen base stays in fp32 (and autocasts), as loaded below.
-    name, size = plan.dtype_name(torch_dtype if dev.torch_device().type != "cpu" else torch.float32)
+    name, size = plan.dtype_name(base_dtype)
     try:
         return plan.plan_training(
             job, plan.read_shape(model), device_memory, world_size, size, name, dev.kind, seq_len=seq_len,
@@ -305,13 +304,17 @@ def run(
     dev: Device = pick(device)
     torch_dtype = parse_dtype(dtype, dev)
     check_ranks(dev)
+    # Where the tensors live: the CPU for --device cpu (and for a CPU-backed test double of a device). There
+    # the frozen base stays in fp32 (and autocasts); accelerators hold it in the training dtype.
+    on_cpu = dev.torch_device().type == "cpu"
+    base_dtype = torch.float32 if on_cpu else torch_dtype
     settings = {k: _jsonable(v) for k, v in args.items() if not k.startswith("_")}
     resume_from = check_out(out, job, resume, overwrite, settings, world_size)
     ds_config = resolve_deepspeed(deepspeed)
     check_loadable(model)  # a folder without weights, or weights transformers won't read, fail here
     if not (model / "config.json").exists():
         raise FileNotFoundError(f"model folder {model} has no config.json: point --model at a Hugging Face model folder")
-    placement = plan_run(job, model, dev, torch_dtype, world_size, deepspeed, ds_config, gradient_checkpointing,
+    placement = plan_run(job, model, dev, base_dtype, world_size, deepspeed, ds_config, gradient_checkpointing,
                          batch_size, gradient_accumulation_steps, int(args.get("max_seq_length") or args.get("block_size")
                                                                       or 1024), lora_rank, lora_targets, modules_to_save)
     if rank == 0:
@@ -321,8 +324,6 @@ def run(
     gradient_checkpointing = placement.gradient_checkpointing
     batch_size, gradient_accumulation_steps = placement.micro_batch, placement.gradient_accumulation_steps
     zero3 = bool(ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3)
-    # Where the tensors live: the CPU for --device cpu (and for a CPU-backed test double of a device).
-    on_cpu = dev.torch_device().type == "cpu"
     if ds_config is not None and on_cpu:
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a C++ build, minutes, needing a
         # compiler in the container) when it starts; CPU runs are tests and sandboxes, gloo alone does.
@@ -361,8 +362,7 @@ def run(
         import deepspeed as ds
 
         ds.init_distributed(dist_backend=dev.backend)
-    # Accelerators hold the frozen base in the training dtype; CPU keeps fp32 and autocasts.
-    base = load_pretrained(AutoModelForCausalLM, model, torch_dtype if not on_cpu else torch.float32)
+    base = load_pretrained(AutoModelForCausalLM, model, base_dtype)
     if gradient_checkpointing:
         base.enable_input_require_grads()
     peft_model = _peft(base, lora_rank, lora_alpha, lora_dropout, lora_targets, modules_to_save)
