@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import json
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Literal
 
 import torch
 
+from cla2 import status
 from cla2.engine import filled_cache, output_cache
 from cla2.prompts import build_prompt
 
@@ -271,6 +271,7 @@ def across_replicas(benchmark: str, groups: list[list[int]], sets: dict, **job_f
             {s: test_predictions[s] for s in order if s in test_predictions}, forwards)
 
 
+@status.tracked("eval")
 def main(
     benchmark: Literal["ceval", "cmmlu"],
     /,
@@ -318,8 +319,9 @@ def main(
     from tqdm import tqdm
 
     from cla2.engine import load_model
-    from cla2.io import atomic_output_dir, check_output_dir
+    from cla2.io import atomic_output_dir, check_output_dir, run_record, write_json
 
+    began = time.time()
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}: use ceval or cmmlu")
     bench = BENCHMARKS[benchmark]
@@ -372,6 +374,8 @@ def main(
         scorer = Scorer(net, tokenizer, torch_device, batch_size=placement.batch)
         per_subject, predictions, test_predictions = {}, {}, {}
         total = sum(len(r) + len(t) for r, _, t in sets.values())
+        st, done = status.current(), 0
+        st.update("evaluating", step=0, total=total, unit="question", force=True)
         with tqdm(total=total, desc=f"{benchmark} {shots}-shot", unit="q", file=sys.stderr) as bar:
             for s, (rows, dev, test) in sets.items():
                 prefix = few_shot_prefix(known[s][1], dev, shots)
@@ -383,6 +387,8 @@ def main(
                     got = scorer.predict(prefix, [question_prompt(q, with_prompt) for q in test])
                     test_predictions[s] = {q.id: letter for q, (letter, _) in zip(test, got, strict=True)}
                     bar.update(len(test))
+                done += len(rows) + len(test)
+                st.update(step=done)
         forwards = scorer.forwards
     seconds = time.perf_counter() - started
     meta = {s: known[s] for s in chosen}
@@ -391,22 +397,12 @@ def main(
     info = {"model": str(model), "adapter": str(adapter) if adapter else None, "split": bench.eval_split,
             "shots": shots, "with_prompt": with_prompt, "questions": questions, "seconds": seconds,
             "questions_per_second": (questions + sum(map(len, test_predictions.values()))) / max(seconds, 1e-9)}
-    import transformers
-
-    from cla2 import __version__
-
-    run = {"command": "eval", "benchmark": benchmark,
-           "args": {"model": str(model), "adapter": str(adapter) if adapter else None, "data": str(data),
-                    "out": str(out), "shots": shots, "with_prompt": with_prompt, "subjects": chosen,
-                    "do_test": do_test, "batch_size": batch_size, "device": device, "devices": devices,
-                    "replicas": replicas, "dtype": dtype},
-           "plan": placement.to_json(),
-           "versions": {"cla2": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                        "python": platform.python_version()},
-           "device": placement.kind, "device_groups": groups, "dtype": placement.dtype,
-           "metrics": {"accuracy": summary["All"], "grouped": summary["grouped"], "questions": questions,
-                       "seconds": round(seconds, 3), "questions_per_second": round(info["questions_per_second"], 3),
-                       "forward_passes": forwards}}
+    args = {"benchmark": benchmark, "model": str(model), "adapter": str(adapter) if adapter else None,
+            "data": str(data), "out": str(out), "shots": shots, "with_prompt": with_prompt, "subjects": chosen,
+            "do_test": do_test, "batch_size": batch_size, "device": device, "devices": devices,
+            "replicas": replicas, "dtype": dtype, "overwrite": overwrite}
+    st = status.current()
+    st.update("saving", force=True)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         (tmp / "take0").mkdir()
         (tmp / "take0" / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
@@ -416,7 +412,13 @@ def main(
             (tmp / "take0" / "predictions.json").write_text(json.dumps(predictions, ensure_ascii=False, indent=2),
                                                             encoding="utf-8")
         write_report(tmp / "report.md", benchmark, summary, meta, info)
-        (tmp / "run.json").write_text(json.dumps(run, ensure_ascii=False, indent=2), encoding="utf-8")
+        run = run_record(
+            "eval", args, began, time.time(), command="eval", benchmark=benchmark, plan=placement.to_json(),
+            device=placement.kind, device_groups=groups, dtype=placement.dtype,
+            metrics={"accuracy": summary["All"], "grouped": summary["grouped"], "questions": questions,
+                     "seconds": round(seconds, 3), "questions_per_second": round(info["questions_per_second"], 3),
+                     "forward_passes": forwards})
+        write_json(tmp / "run.json", run)
     print(f"{benchmark}: {questions} questions, accuracy {100 * summary['All']:.2f}% "
           f"({info['questions_per_second']:.1f} questions/s) -> {out}", file=sys.stderr)
     return summary

@@ -6,10 +6,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from cla2 import training
+from cla2 import status, training
 from cla2.prompts import DEFAULT_SYSTEM_PROMPT
 
 
+@status.tracked("finetune")
 def main(
     model: Path,
     data: Path,

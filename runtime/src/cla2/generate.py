@@ -3,6 +3,9 @@
 Each input line is a JSON object with either ``instruction`` (and optionally ``input``, Alpaca style),
 ``messages`` (OpenAI style) or ``prompt`` (raw text, used as it is). Every prompt goes through the same
 batching engine as the server, so the file is processed ``--batch-size`` prompts at a time.
+
+Beside the output goes ``<output>.run.json`` (e.g. ``answers.jsonl.run.json``): the job's run record, named
+after its output so that several outputs in one folder never share one.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from cla2 import plan
+from cla2 import plan, status
 from cla2 import replicas as replica_processes
 from cla2.engine import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -85,8 +88,14 @@ REPLICA_FLAGS = ("model", "adapter", "device", "dtype", "batch_size", "with_prom
                  "top_k", "top_p", "repetition_penalty", "max_new_tokens", "truncate", "decode_graphs")
 
 
+def run_file(output: Path) -> Path:
+    """Where the run record of the job that wrote ``output`` goes: ``<output>.run.json`` beside it."""
+    output = Path(output)
+    return output.with_name(output.name + ".run.json")
+
+
 def across_replicas(groups: list[list[int]], records: list[dict], output: Path, job_flags: dict,
-                    seed: int | None) -> Path:
+                    seed: int | None) -> tuple[Path, int, float]:
     """Generate ``records`` split in contiguous shares over one ``cla2 generate`` process per device group,
     then join their outputs in the input's order into ``output`` (written whole or not at all). Line i keeps
     the seed it has in one process (each share starts its seeds at its first line's)."""
@@ -116,9 +125,10 @@ def across_replicas(groups: list[list[int]], records: list[dict], output: Path, 
             partial.replace(output)
     print(f"{len(records)} prompts, {generated} tokens generated in {seconds:.1f}s over {len(groups)} replicas "
           f"({generated / max(seconds, 1e-9):.1f} generated tokens/s) -> {output}", file=sys.stderr)
-    return output
+    return output, generated, seconds
 
 
+@status.tracked("generate")
 def main(
     *,
     model: Path,
@@ -146,6 +156,7 @@ def main(
 
     Output lines are the input records plus output, finish_reason, prompt_tokens, completion_tokens,
     time_to_first_token and seconds. The tokens/s printed at the end counts generated tokens only.
+    OUTPUT.run.json beside it records the run (arguments, versions, timings).
 
     Args:
         model: Model folder (merged, or the base model when --adapter is given).
@@ -173,6 +184,10 @@ def main(
             default: on for CUDA only; the first request of each cache size waits while it compiles).
         overwrite: Replace an existing output file.
     """
+    from cla2.io import run_record, write_json
+
+    began = time.time()
+    args = {k: v for k, v in locals().items() if k not in ("began", "run_record", "write_json")}
     output = Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"output file {output} exists: choose another --output or pass --overwrite")
@@ -184,9 +199,20 @@ def main(
                              repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
                              seed=None if seed is None else seed + i) for i in range(len(prompts))]
     check_prompts(input, prompts, params, model, adapter, truncate)  # before any model loads or replica starts
+    st = status.current()
+
+    def record(generated: int, seconds: float) -> Path:
+        write_json(run_file(output), run_record(
+            "generate", args, began, time.time(), input=str(Path(input).resolve()), output=str(output.resolve()),
+            prompts=len(records), generated_tokens=generated, generate_seconds=round(seconds, 3),
+            generated_tokens_per_s=round(generated / max(seconds, 1e-9), 1), plan=placement.to_json(),
+            device_groups=groups))
+        return output
+
     if len(groups) > 1:
-        return across_replicas(groups, records, output, {k: v for k, v in locals().items() if k in REPLICA_FLAGS},
-                               seed)
+        _, generated, seconds = across_replicas(groups, records, output,
+                                                {k: v for k, v in locals().items() if k in REPLICA_FLAGS}, seed)
+        return record(generated, seconds)
     engine = Engine.from_pretrained(model, adapter=adapter, device=device, dtype=dtype,
                                     max_batch_size=batch_size, truncate=truncate,
                                     decode_graphs=decode_graphs, devices=replica,
@@ -196,10 +222,12 @@ def main(
 
         started = time.perf_counter()
         results = []
+        st.update("generating", step=0, total=len(prompts), unit="prompt", force=True)
         with tqdm(total=len(prompts), desc="generate", unit="prompt", file=sys.stderr) as bar:
             for i in range(0, len(prompts), 4 * batch_size):  # bounded chunks keep the bar moving
                 results += engine.generate(prompts[i:i + 4 * batch_size], params[i:i + 4 * batch_size])
                 bar.update(len(prompts[i:i + 4 * batch_size]))
+                st.update(step=len(results))
         seconds = time.perf_counter() - started
     finally:
         engine.close()
@@ -218,4 +246,4 @@ def main(
     generated = sum(r.completion_tokens for r in results)
     print(f"{len(results)} prompts, {generated} tokens generated in {seconds:.1f}s "
           f"({generated / max(seconds, 1e-9):.1f} generated tokens/s) -> {output}", file=sys.stderr)
-    return output
+    return record(generated, seconds)

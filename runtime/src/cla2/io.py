@@ -1,15 +1,23 @@
-"""Output folders and weight files: written completely or not at all."""
+"""Output folders, weight files and run records: written completely or not at all.
+
+Every job leaves a ``run.json`` beside its output (``run_record``): the same common keys for all of them,
+so a supervisor (or a person, months later) reads any job's record the same way, plus the job's own.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import platform
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+RUN_FILE = "run.json"
 
 
 class OutputExistsError(FileExistsError):
@@ -150,3 +158,56 @@ def weight_files(model_dir: Path) -> list[Path]:
         f"model folder {model_dir} holds no weights (model.safetensors[.index.json] or "
         "pytorch_model.bin[.index.json]): point --model at a complete Hugging Face model folder"
     )
+
+
+# ------------------------------------------------------------------------------------- run records
+def iso_time(t: float | None = None) -> str:
+    """An epoch time as ISO 8601 UTC, to the second (``2026-12-02T15:04:35Z``)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if t is None else t))
+
+
+def versions() -> dict[str, str | None]:
+    """The versions that decide what a job did: cla2, python, torch and the libraries around it."""
+    import importlib.metadata as md
+
+    from cla2 import __version__
+
+    out: dict[str, str | None] = {"cla2": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "peft", "accelerate", "deepspeed", "torch_mlu", "safetensors"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def jsonable(v):
+    """Arguments as JSON: paths absolute, tuples as lists, anything else unknown as its string."""
+    if isinstance(v, Path):
+        return str(v.resolve())
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, tuple | list):
+        return [jsonable(x) for x in v]
+    if v is None or isinstance(v, bool | int | float | str):
+        return v
+    return str(v)
+
+
+def run_record(job: str, args: dict, started: float, ended: float | None = None, outcome: str = "succeeded",
+               **extra) -> dict:
+    """A job's run.json: the common keys (job, args, versions, started, ended, seconds, outcome), then the job's
+    own ``extra`` keys. ``ended`` None (a record written while the job runs) leaves ended and seconds null."""
+    common = {"job": job, "args": jsonable({k: v for k, v in args.items() if not k.startswith("_")}),
+              "versions": versions(), "started": iso_time(started),
+              "ended": iso_time(ended) if ended is not None else None,
+              "seconds": round(ended - started, 2) if ended is not None else None, "outcome": outcome}
+    return {**common, **extra}
+
+
+def write_json(path: Path, data: dict) -> None:
+    """``data`` as JSON in ``path``, through a temporary sibling and one rename (never half-written)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    os.replace(tmp, path)

@@ -10,7 +10,8 @@ same way: every shard's header is planned first, then each tensor is streamed in
 The adapter is checked completely before anything is written: zero-size tensors (what the seed's
 ZeRO-3 runs saved), tensors whose shapes do not fit the base (an adapter trained on another model) and
 modules the base does not have all fail with the tensor named. The result goes to a temporary folder
-beside --out and is renamed at the end.
+beside --out and is renamed at the end, with ``merge.json`` (what was merged) and ``run.json`` (the run
+record every cla2 job writes) in it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from typing import Literal
 
 import torch
 
-from cla2.io import atomic_output_dir, check_output_dir, weight_files
+from cla2 import status
+from cla2.io import atomic_output_dir, check_output_dir, run_record, weight_files, write_json
 
 ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -353,6 +355,7 @@ def ordered(reader: BaseReader) -> list[TensorRef]:
     return sorted(reader.refs.values(), key=lambda r: (rank[r.file], r.start))
 
 
+@status.tracked("merge")
 def main(
     adapter: Path,
     out: Path,
@@ -381,6 +384,8 @@ def main(
     """
     from tqdm.auto import tqdm
 
+    args = dict(locals())
+    began = time.time()
     adapter, out = Path(adapter), Path(out)
     check_output_dir(out, overwrite)
     shard_bytes = parse_size(shard_size)
@@ -401,6 +406,8 @@ def main(
     order = ordered(reader)
     entries = [(r.name, r.shape, target_dtype(r)) for r in order]
     started = time.time()
+    st = status.current()
+    st.update("merging", step=0, total=len(order), unit="tensor", force=True)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, _layout(entries, shard_bytes))
         try:
@@ -420,6 +427,7 @@ def main(
                             del a, b, delta
                     writer.write(ref.name, t.to(target_dtype(ref)))
                     bar.update(math.prod(ref.shape) * target_dtype(ref).itemsize)
+                    st.update(step=i + 1)
                     del t
                     if i + 1 == len(order) or order[i + 1].file != ref.file:
                         reader.done_with(ref.file)  # unmaps a .bin shard
@@ -445,5 +453,8 @@ def main(
                 "dtype": dtype, "lora_tensors_merged": len(lora), "tensors_replaced": sorted(full),
                 "shards": writer.names, "seconds": round(time.time() - started, 2)}
         (tmp / "merge.json").write_text(json.dumps(info, indent=2))
+        st.update("saving", force=True)
+        write_json(tmp / "run.json", run_record("merge", args, began, time.time(), **{
+            k: v for k, v in info.items() if k not in ("job", "seconds")}, merge_seconds=info["seconds"]))
     print(f"merged {len(lora)} LoRA targets and {len(full)} full tensors into {out}")
     return out

@@ -6,9 +6,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from cla2 import training
+from cla2 import status, training
 
 
+@status.tracked("pretrain")
 def main(
     model: Path,
     data: Path,

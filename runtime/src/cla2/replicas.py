@@ -5,10 +5,15 @@ the model on its own devices (``--devices``), so a replica that fails cannot lea
 state nobody sees, and nothing is shared between them but the files they are given. Why processes and
 not torch.multiprocessing: a replica is exactly the job run on a share of the input, so the job's own
 command line is the interface, and its output and its errors are those of a one-replica run.
+
+Each replica reports its progress to a status file of its own in the scratch folder; the parent adds
+them up into the job's status file (:mod:`cla2.status`), so a split job shows one count, of the whole.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -16,6 +21,10 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+from cla2 import status
+
+PHASES = {"eval": "evaluating", "generate": "generating"}
 
 
 def groups(placement, replica: list[int], devices: list[int] | None, replicas: int | None, items: int,
@@ -67,7 +76,9 @@ def run(job: str, argvs: Sequence[list[str]], device_groups: Sequence[list[int]]
             log = open(Path(tmp) / f"replica-{i}.log", "w")  # noqa: SIM115 - closed below, once the process ends
             cmd = [sys.executable, "-m", "cla2", job, *(a.replace("{tmp}", tmp) for a in argv),
                    "--devices", ",".join(map(str, group))]
-            procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+            env = {**os.environ, status.ENV: str(Path(tmp) / f"replica-{i}.status.json")}
+            procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        _follow(job, [p for p, _ in procs], Path(tmp), sum(sizes), unit)
         failed = []
         with tqdm(total=sum(sizes), desc=f"{job} over {len(device_groups)} replicas", unit=unit, file=sys.stderr) as bar:
             for (proc, log), group, n in zip(procs, device_groups, sizes, strict=True):
@@ -81,3 +92,23 @@ def run(job: str, argvs: Sequence[list[str]], device_groups: Sequence[list[int]]
             raise RuntimeError(f"the replica on devices {','.join(map(str, group))} failed (exit {code}); nothing "
                                f"was written. Its log ends:\n{tail}")
         yield Path(tmp), time.perf_counter() - started
+
+
+def _follow(job: str, procs: list[subprocess.Popen], tmp: Path, total: int, unit: str) -> None:
+    """Until every replica has stopped, put the sum of their status files' steps into this job's status."""
+    st = status.current()
+    st.update(PHASES.get(job, "loading"), step=0, total=total, unit=unit, force=True)
+    if not st.enabled:
+        return
+    while True:
+        running = any(p.poll() is None for p in procs)
+        step = 0
+        for i in range(len(procs)):
+            try:
+                step += int(json.loads((tmp / f"replica-{i}.status.json").read_text(encoding="utf-8"))["step"] or 0)
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # not written yet
+        st.update(step=step, force=not running)
+        if not running:
+            return
+        time.sleep(st.interval_s or 0.2)

@@ -6,7 +6,9 @@ weights, tokenizer size against the model's vocabulary, the dataset. Only then i
 
 Outputs in --out: ``adapter_config.json`` + ``adapter_model.safetensors`` (a standard PEFT adapter),
 the tokenizer, ``run.json`` (resolved arguments, versions, device, world size, data fingerprint, metrics,
-base model) and ``loss.png``; ``checkpoint-*/`` folders (the last ``save_total_limit``) for --resume.
+base model), ``loss.png``, TensorBoard event files under ``runs/`` (transformers' own TensorBoardCallback;
+a resumed run adds to the same folder) and ``checkpoint-*/`` folders (the last ``save_total_limit``) for
+--resume. While it trains, the job's status file (:mod:`cla2.status`) follows step, loss and tokens/s.
 
 Multi-device and multi-node runs are started by torchrun or the DeepSpeed launcher; every rank runs
 this same code, rank 0 writes the files. Under ZeRO-3 the adapter's parameters are gathered from all
@@ -27,14 +29,24 @@ from pathlib import Path
 
 import torch
 
-from cla2 import __version__
+from cla2 import status
 from cla2.device import Device, parse_dtype, pick
-from cla2.io import OutputExistsError, check_loadable, load_pretrained
+from cla2.io import (
+    RUN_FILE,
+    OutputExistsError,
+    check_loadable,
+    iso_time,
+    jsonable,
+    load_pretrained,
+    run_record,
+    write_json,
+)
+from cla2.io import versions as versions  # noqa: F401  (cla2.training.versions, as before)
 
 CONFIGS = Path(__file__).parent / "configs"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODULES_TO_SAVE = ("embed_tokens", "lm_head")
-RUN_FILE = "run.json"
+TENSORBOARD_DIR = "runs"  # under --out, where the seed's HF Trainer scripts put it (logging_dir)
 # Settings that must not change between an interrupted run and its --resume.
 RESUME_KEYS = ("model", "data", "lora_rank", "lora_alpha", "lora_targets", "modules_to_save", "batch_size",
                "gradient_accumulation_steps", "max_seq_length", "block_size", "deepspeed")
@@ -97,26 +109,6 @@ def check_vocab(tokenizer, tokenizer_dir: Path, model_dir: Path) -> int:
             "(Chinese-LLaMA-2 / Alpaca-2 use 55296), or pass --tokenizer pointing at it"
         )
     return vocab
-
-
-def versions() -> dict[str, str | None]:
-    import importlib.metadata as md
-
-    out: dict[str, str | None] = {"cla2": __version__, "torch": torch.__version__}
-    for name in ("transformers", "peft", "accelerate", "deepspeed", "torch_mlu", "safetensors"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def _jsonable(v):
-    if isinstance(v, Path):
-        return str(v.resolve())
-    if isinstance(v, tuple | list):
-        return [_jsonable(x) for x in v]
-    return v
 
 
 def check_out(out: Path, job: str, resume: bool, overwrite: bool, settings: dict,
@@ -297,7 +289,8 @@ def run(
     callbacks: Sequence | None = None,
 ) -> dict:
     """Check everything, train, save the adapter, run.json and loss.png; returns run.json's content."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers.integrations import is_tensorboard_available
 
     out, model = Path(out), Path(model)
     rank, world_size = world()
@@ -308,7 +301,7 @@ def run(
     # the frozen base stays in fp32 (and autocasts); accelerators hold it in the training dtype.
     on_cpu = dev.torch_device().type == "cpu"
     base_dtype = torch.float32 if on_cpu else torch_dtype
-    settings = {k: _jsonable(v) for k, v in args.items() if not k.startswith("_")}
+    settings = {k: jsonable(v) for k, v in args.items() if not k.startswith("_")}
     resume_from = check_out(out, job, resume, overwrite, settings, world_size)
     ds_config = resolve_deepspeed(deepspeed)
     check_loadable(model)  # a folder without weights, or weights transformers won't read, fail here
@@ -342,6 +335,11 @@ def run(
 
     # Nothing was written so far; from here on --out is ours.
     set_seed(seed)
+    tensorboard = is_tensorboard_available()
+    if not tensorboard and rank == 0:
+        print("cla2: tensorboard is not installed, so no TensorBoard event files are written "
+              "(pip install 'tensorboard>=2.14'); loss.png and run.json are", flush=True)
+    logging_dir = out / TENSORBOARD_DIR
     training_args = _training_arguments(
         output_dir=str(out), overwrite_output_dir=True, max_steps=max_steps if max_steps > 0 else -1,
         num_train_epochs=epochs if epochs > 0 else 1.0, per_device_train_batch_size=batch_size,
@@ -353,7 +351,9 @@ def run(
         deepspeed=ds_config, use_cpu=on_cpu,
         # on the CPU accelerate takes gloo itself (and refuses any other backend)
         ddp_backend=dev.backend if world_size > 1 and not on_cpu else None, ddp_find_unused_parameters=False, seed=seed,
-        data_seed=seed, report_to=[], remove_unused_columns=False, label_names=["labels"],
+        data_seed=seed, report_to=["tensorboard"] if tensorboard else [],
+        logging_dir=str(logging_dir),  # transformers < 5; 5.x reads it from the callback (below)
+        remove_unused_columns=False, label_names=["labels"],
         dataloader_num_workers=0, save_safetensors=True, disable_tqdm=rank != 0,
     )
     if ds_config is not None and world_size > 1:
@@ -377,17 +377,78 @@ def run(
         peft_model.print_trainable_parameters()
 
     started = time.time()
-    record = {
-        "job": job, "status": "running", "args": settings, "base_model": str(model.resolve()),
-        "tokenizer": str(tok_dir.resolve()), "vocab_size": len(tok), "device": dev.kind,
-        "dtype": str(torch_dtype).replace("torch.", ""), "world_size": world_size, "deepspeed": ds_config,
-        "data": data_info, "versions": versions(), "resumed_from": str(resume_from) if resume_from else None,
-        "plan": placement.to_json(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-    }
+    # run.json while it runs says outcome "running" (ended and seconds null); "succeeded" once the adapter is
+    # saved, "failed" (with the error) if the run raises. "status" / "finished" are the older names, kept.
+    record = run_record(
+        job, settings, started, outcome="running", status="running", base_model=str(model.resolve()),
+        tokenizer=str(tok_dir.resolve()), vocab_size=len(tok), device=dev.kind,
+        dtype=str(torch_dtype).replace("torch.", ""), world_size=world_size, deepspeed=ds_config,
+        data=data_info, resumed_from=str(resume_from) if resume_from else None, plan=placement.to_json(),
+        tensorboard=str(logging_dir.resolve()) if tensorboard else None)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / RUN_FILE, record)
+        write_json(out / RUN_FILE, record)
+    try:
+        return _train(job, record, started, out, model, tok_dir, rank, world_size, on_cpu, zero3, pad_id,
+                      group_by_length, seed, peft_model, training_args, dataset, resume_from, logging_dir, callbacks)
+    except BaseException as exc:
+        if rank == 0:
+            ended = time.time()
+            record.update(outcome="failed", status="failed", error=str(exc).strip() or type(exc).__name__,
+                          ended=iso_time(ended), seconds=round(ended - started, 2))
+            with contextlib.suppress(OSError):
+                write_json(out / RUN_FILE, record)
+        raise
+
+
+class TokenCounter:
+    """The data collator, counting the real (non-padding) tokens of every batch it makes: the tokens/s of the
+    status file are of tokens trained on, not of padding. Each rank counts its own batches."""
+
+    def __init__(self, collator):
+        self.collator = collator
+        self.tokens = 0
+
+    def __call__(self, batch):
+        out = self.collator(batch)
+        mask = out.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else int(out["input_ids"].numel())
+        return out
+
+
+def _status_callback(counter: TokenCounter, world_size: int):
+    """A TrainerCallback that keeps the job's status file at the Trainer's step (of max_steps, counting on from
+    a resumed checkpoint's step), with the last logged loss and the tokens/s since training began here.
+    tokens/s is rank 0's count times the world size (the ranks get equal batches; no collective per step)."""
+    from transformers import TrainerCallback
+
+    st = status.current()
+
+    class StatusCallback(TrainerCallback):
+        began = 0.0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.began, counter.tokens = time.time(), 0
+            st.update("training", step=state.global_step, total=state.max_steps, unit="step", force=True)
+
+        def on_step_end(self, args, state, control, **kw):
+            spent = time.time() - self.began
+            st.update(step=state.global_step, tokens_per_s=counter.tokens * world_size / spent if spent > 0 else None)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                st.update(loss=logs["loss"])
+
+    return StatusCallback()
+
+
+def _train(job, record, run_started, out, model, tok_dir, rank, world_size, on_cpu, zero3, pad_id, group_by_length,
+           seed, peft_model, training_args, dataset, resume_from, logging_dir, callbacks) -> dict:
+    """Train, then save the adapter, run.json and loss.png (rank 0); ``run`` has checked and loaded everything."""
+    from transformers import Trainer, TrainerCallback
+    from transformers.integrations import TensorBoardCallback
+
+    started = time.time()
 
     class SaveAtEnd(TrainerCallback):
         # A checkpoint at the last step, so that --resume of a finished run trains nothing more.
@@ -398,7 +459,8 @@ def run(
 
     from cla2.data import LengthGroupedSampler, PadCollator
 
-    collator = PadCollator(pad_id, pad_to_multiple_of=8 if not on_cpu else None)
+    counter = TokenCounter(PadCollator(pad_id, pad_to_multiple_of=8 if not on_cpu else None))
+
     class _Trainer(Trainer):
         def _get_train_sampler(self, *a, **kw):
             lengths = getattr(self.train_dataset, "lengths", None)
@@ -406,13 +468,17 @@ def run(
                 return LengthGroupedSampler(lengths, self._train_batch_size, seed=seed)
             return super()._get_train_sampler(*a, **kw)
 
-    trainer = _Trainer(model=peft_model, args=training_args, train_dataset=dataset, data_collator=collator,
-                      callbacks=[SaveAtEnd(), *(callbacks or [])])
+    trainer = _Trainer(model=peft_model, args=training_args, train_dataset=dataset, data_collator=counter,
+                       callbacks=[SaveAtEnd(), _status_callback(counter, world_size), *(callbacks or [])])
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, TensorBoardCallback) and hasattr(cb, "logging_dir"):
+            cb.logging_dir = str(logging_dir)  # transformers 5 has no TrainingArguments.logging_dir
     with _own_checkpoints_loadable(resume_from):
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     # Under ZeRO-3 each rank holds only a slice of each large parameter (locally a zero-size tensor):
     # saving those as they are is the seed's empty-adapter bug. Count them, then gather.
+    status.current().update("saving", force=True)
     partitioned = sum(1 for p in trainer.model.parameters() if p.requires_grad and p.numel() == 0)
     state = adapter_state(trainer.model, zero3)  # collective under ZeRO-3
     if trainer.is_world_process_zero():
@@ -430,9 +496,11 @@ def run(
         copy_tokenizer(tok_dir, out)
         _record_base(out, model)
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        ended = time.time()
         record.update(
-            status="complete",
-            finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            status="complete", outcome="succeeded", ended=iso_time(ended),
+            seconds=round(ended - run_started, 2),
+            finished=iso_time(ended),
             metrics={
                 "train_loss": result.training_loss, "first_loss": losses[0] if losses else None,
                 "final_loss": losses[-1] if losses else None, "global_step": trainer.state.global_step,
@@ -443,7 +511,7 @@ def run(
             log_history=trainer.state.log_history,
         )
         plot_loss(trainer.state.log_history, out / "loss.png", f"cla2 {job}: {model.name}")
-        _write_json(out / RUN_FILE, record)
+        write_json(out / RUN_FILE, record)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return record
