@@ -235,3 +235,30 @@ def test_a_failing_job_leaves_failed_in_its_status(tmp_path, tiny_model, status_
     got = read(status_file)
     assert got["job"] == "generate" and got["phase"] == "failed" and "does not exist" in got["error"]
     assert not (tmp_path / "o.jsonl.run.json").exists()
+
+
+def test_replicas_add_up_into_the_jobs_status(tiny_model, tmp_path):
+    """`cla2 generate` over two simulated devices: each replica keeps a status file of its own, the parent's
+    status counts the prompts of both, and the parent writes the one run record."""
+    import subprocess
+    import sys
+
+    from test_mlu_double import double_env
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in ["你好", "a b", "测试", "龘"]),
+                   encoding="utf-8")
+    out, status_path = tmp_path / "out.jsonl", tmp_path / "gen.status.json"
+    env = double_env(CLA2_FAKE_MLU_COUNT="2", CLA2_FAKE_MLU_BF16="0", **{status.ENV: str(status_path)})
+    p = subprocess.run([sys.executable, "-m", "cla2", "generate", "--model", str(tiny_model), "--input", str(src),
+                        "--output", str(out), "--device", "mlu", "--dtype", "fp32", "--max-new-tokens", "4",
+                        "--replicas", "2"], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "4 prompts over 2 replicas" in p.stderr
+    got = read(status_path)
+    assert got["job"] == "generate" and got["phase"] == "done"
+    assert got["unit"] == "prompt" and got["step"] == got["total"] == 4
+    run = json.loads((tmp_path / "out.jsonl.run.json").read_text())
+    check_common(run, "generate")
+    assert run["device_groups"] == [[0], [1]] and run["prompts"] == 4
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["gen.status.json", "in.jsonl", "out.jsonl", "out.jsonl.run.json"]
