@@ -171,7 +171,8 @@ def test_a_resumed_training_counts_on_from_its_checkpoint(tmp_path, tiny_model_s
     crashed = read(status_file)
     assert crashed["phase"] == "failed" and crashed["error"] == "interrupted" and crashed["step"] == 4
     run = json.loads((out / "run.json").read_text())
-    assert run["outcome"] == "failed" and run["ended"] and run["args"]["max_steps"] == 6
+    assert run["outcome"] == "failed" and run["error"] == "interrupted" and run["ended"]
+    assert run["args"]["max_steps"] == 6
     watch = Watch(status_file)
     finetune.main(tiny_model_small_tok, sft_data, out, resume=True, _callbacks=[watch], **kw)
     assert watch.seen[0]["step"] == 3 and watch.seen[0]["total"] == 6  # checkpoint-3

@@ -47,8 +47,9 @@ def main(
 
     Each record becomes "[INST] <<SYS>>\\n{system prompt}\\n<</SYS>>\\n\\n{instruction}[\\n{input}] [/INST]"
     followed by " {output}</s>"; the loss is on the output and </s> only. Writes a PEFT adapter
-    (adapter_config.json, adapter_model.safetensors), the tokenizer, run.json, loss.png and checkpoint-*/
-    to OUT. Multi-device / multi-node: start it with torchrun or the deepspeed launcher.
+    (adapter_config.json, adapter_model.safetensors), the tokenizer, run.json, loss.png, TensorBoard events
+    (runs/) and checkpoint-*/ to OUT. Multi-device / multi-node: start it with torchrun or the deepspeed
+    launcher.
 
     Args:
         model: Base model folder (Hugging Face layout: config.json, weights, tokenizer).

@@ -130,11 +130,15 @@ class Status:
         self.update("done", force=True)
 
     def fail(self, exc: BaseException) -> None:
-        if isinstance(exc, KeyboardInterrupt):
-            self.error = "interrupted"
-        else:
-            self.error = str(exc).strip() or type(exc).__name__
+        self.error = error_message(exc)
         self.update("failed", force=True)
+
+
+def error_message(exc: BaseException) -> str:
+    """What a status file or a run record says of an exception: its message, "interrupted" for Ctrl-C."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return str(exc).strip() or type(exc).__name__
 
 
 def current() -> Status:

@@ -292,6 +292,7 @@ def run(
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from transformers.integrations import is_tensorboard_available
 
+    began = time.time()
     out, model = Path(out), Path(model)
     rank, world_size = world()
     dev: Device = pick(device)
@@ -376,11 +377,10 @@ def run(
     if rank == 0:
         peft_model.print_trainable_parameters()
 
-    started = time.time()
     # run.json while it runs says outcome "running" (ended and seconds null); "succeeded" once the adapter is
     # saved, "failed" (with the error) if the run raises. "status" / "finished" are the older names, kept.
     record = run_record(
-        job, settings, started, outcome="running", status="running", base_model=str(model.resolve()),
+        job, settings, began, outcome="running", status="running", base_model=str(model.resolve()),
         tokenizer=str(tok_dir.resolve()), vocab_size=len(tok), device=dev.kind,
         dtype=str(torch_dtype).replace("torch.", ""), world_size=world_size, deepspeed=ds_config,
         data=data_info, resumed_from=str(resume_from) if resume_from else None, plan=placement.to_json(),
@@ -389,13 +389,13 @@ def run(
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / RUN_FILE, record)
     try:
-        return _train(job, record, started, out, model, tok_dir, rank, world_size, on_cpu, zero3, pad_id,
+        return _train(job, record, began, out, model, tok_dir, rank, world_size, on_cpu, zero3, pad_id,
                       group_by_length, seed, peft_model, training_args, dataset, resume_from, logging_dir, callbacks)
     except BaseException as exc:
         if rank == 0:
             ended = time.time()
-            record.update(outcome="failed", status="failed", error=str(exc).strip() or type(exc).__name__,
-                          ended=iso_time(ended), seconds=round(ended - started, 2))
+            record.update(outcome="failed", status="failed", error=status.error_message(exc),
+                          ended=iso_time(ended), seconds=round(ended - began, 2))
             with contextlib.suppress(OSError):
                 write_json(out / RUN_FILE, record)
         raise
