@@ -8,28 +8,31 @@ sandbox hosts (playbooks/sandbox.yml), provisioning (site.yml), the whole pipeli
 (playbooks/pipeline.yml -e cla2_demo=true), then the pipeline again with the same run name (a re-run:
 every stage is skipped). For each job it reads two times from the host:
 
-- the job's own run time: the `== start` / `== end` lines the job wrapper writes into <run>/<stage>.log,
+- the job's own run time: the `== start` / `== end` lines `cla2 run` writes into <run>/<stage>.log,
   measured inside the runtime container around the cla2 process;
-- the time Ansible spent on the stage: `ansible_seconds` in <run>/.done-<stage> (input checks, the
-  `docker exec` launch, the async polling, the marker).
+- the time Ansible spent on the stage: the sum of the durations of the stage's tasks of
+  roles/cla2/tasks/job.yml (input checks, the `cla2 run` start through `docker exec`, the following,
+  fetching its reports), from Ansible's junit callback on the first run.
 
-overhead ratio = sum(Ansible time - job time) / sum(job time). Fetching reports is counted separately
-(the wall time of the whole pipeline play minus the stages and the runtime role is "other").
+overhead ratio = sum(Ansible time - job time) / sum(job time). The flag checks, the launcher and the
+comparison report are outside the stages (part of the pipeline's wall time only).
 Prints a table and writes it as Markdown to --out.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "cla2-sandbox-1"
+JOB_TASKS = "roles/cla2/tasks/job.yml"  # the tasks of one job: their junit test cases end with ": <stage>"
 
 
 def timed(cmd: list[str], env: dict | None = None) -> float:
@@ -64,6 +67,20 @@ def job_seconds(log: str) -> float:
     return total
 
 
+def ansible_seconds(junit_dir: Path, stages: list[str]) -> dict[str, float]:
+    """Seconds Ansible spent on each stage: the durations of its job.yml tasks on HOST, from junit XML."""
+    seconds = dict.fromkeys(stages, 0.0)
+    for xml in junit_dir.glob("*.xml"):
+        for case in ET.parse(xml).iter("testcase"):
+            name, where = case.get("name", ""), case.get("classname", "")
+            if not name.startswith(f"[{HOST}] ") or JOB_TASKS not in where:
+                continue
+            stage = name.rsplit(": ", 1)[-1]
+            if stage in seconds:
+                seconds[stage] += float(case.get("time") or 0)
+    return seconds
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench-demo.md")
@@ -76,31 +93,34 @@ def main() -> int:
         rows.append(("sandbox host (playbooks/sandbox.yml)", timed(["ansible-playbook", "playbooks/sandbox.yml"])))
         rows.append(("provision (site.yml)", timed(["ansible-playbook", "site.yml", "-l", "mlu-hosts"])))
     pipe = ["ansible-playbook", "playbooks/pipeline.yml", "-l", HOST, "-e", "cla2_demo=true",
-            "-e", f"cla2_run={args.run}", "-e", "cla2_max_steps=4", "-e", "cla2_poll_seconds=1"]
-    first = timed(pipe)
+            "-e", f"cla2_run={args.run}",
+            "-e", '{"cla2_finetune_args": {"max-steps": 4}, "cla2_pretrain_args": {"max-steps": 4}}',
+            "-e", "cla2_poll_seconds=1"]
+    junit_dir = Path(tempfile.mkdtemp(prefix="demo-stages-junit-"))
+    first = timed(pipe, env={"ANSIBLE_CALLBACKS_ENABLED": "ansible.builtin.junit",
+                             "JUNIT_OUTPUT_DIR": str(junit_dir), "JUNIT_HIDE_TASK_ARGUMENTS": "true"})
     rows.append(("pipeline, first run (runtime role + 11 jobs + report + service)", first))
     rerun = timed(pipe)
     rows.append(("pipeline, re-run (same run name: nothing to do)", rerun))
 
     run_dir = f"/data/outputs/{args.run}"
-    stages = []
-    for name in sorted(n[len(".done-"):] for n in host_ls(run_dir) if n.startswith(".done-")):
-        done = json.loads(host_read(f"{run_dir}/.done-{name}"))
-        own = job_seconds(host_read(f"{run_dir}/{name}.log"))
-        stages.append((name, own, float(done["ansible_seconds"])))
+    names = sorted(n[len(".done-"):] for n in host_ls(run_dir) if n.startswith(".done-"))
+    spent = ansible_seconds(junit_dir, names)
+    stages = [(name, job_seconds(host_read(f"{run_dir}/{name}.log")), spent[name]) for name in names]
     own_total = sum(s[1] for s in stages)
     ansible_total = sum(s[2] for s in stages)
     ratio = (ansible_total - own_total) / own_total if own_total else float("nan")
 
     lines = ["# `make demo`: time of each stage (bench/demo_stages.py)", "",
-             f"Machine: {os.cpu_count()} CPUs; run `{args.run}`; tiny model, `cla2_max_steps=4`, polling every 1 s.", "",
+             (f"Machine: {os.cpu_count()} CPUs; run `{args.run}`; tiny model, `max-steps: 4` in "
+              "`cla2_finetune_args` and `cla2_pretrain_args`, polling every 1 s."), "",
              "| step | seconds |", "|---|---:|"]
     lines += [f"| {name} | {sec:.1f} |" for name, sec in rows]
     lines += ["", f"Re-run / first run: **{rerun / first:.2f}**", "",
               "| job | job's own time (s) | Ansible time (s) | overhead (s) |", "|---|---:|---:|---:|"]
     lines += [f"| {n} | {o:.1f} | {a:.1f} | {a - o:.1f} |" for n, o, a in stages]
     lines += [f"| **all jobs** | **{own_total:.1f}** | **{ansible_total:.1f}** | **{ansible_total - own_total:.1f}** |", "",
-              f"Job overhead ratio (container exec, launch, polling / job run time): **{ratio:.2f}**", ""]
+              f"Job overhead ratio (input checks, `cla2 run` start, following, fetch / job run time): **{ratio:.2f}**", ""]
     text = "\n".join(lines)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
