@@ -24,6 +24,8 @@ COMMANDS = {
     "generate": "cla2.generate",
     "serve": "cla2.serve",
     "eval": "cla2.eval",
+    "run": "cla2.run",
+    "flags": "cla2.flags",
 }
 
 
@@ -40,6 +42,17 @@ def _unwrap(tp):
     return tp, False
 
 
+class CommaList:
+    """The type of a list flag: ``A,B,...`` -> [item(A), item(B), ...]; `cla2 flags` reports it as a list."""
+
+    def __init__(self, item: type):
+        self.item = item
+        self.__name__ = f"comma-separated {getattr(item, '__name__', 'str')} list"
+
+    def __call__(self, text: str) -> list:
+        return [self.item(x) for x in text.split(",") if x]
+
+
 def add_function_arguments(parser: argparse.ArgumentParser, fn) -> None:
     import docstring_parser
 
@@ -47,7 +60,11 @@ def add_function_arguments(parser: argparse.ArgumentParser, fn) -> None:
     helps = {p.arg_name: p.description for p in doc.params}
     hints = typing.get_type_hints(fn)
     for name, param in inspect.signature(fn).parameters.items():
-        if name.startswith("_") or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+        if param.kind == param.VAR_POSITIONAL:
+            # def main(*argv, ...): what follows `--` on the command line (see split_command)
+            parser.epilog = f"-- {name.upper()} ...: {helps.get(name, '')}"
+            continue
+        if name.startswith("_") or param.kind == param.VAR_KEYWORD:
             continue
         tp, _ = _unwrap(hints.get(name, str))
         kwargs: dict = {"help": helps.get(name, "")}
@@ -70,8 +87,13 @@ def add_function_arguments(parser: argparse.ArgumentParser, fn) -> None:
             kwargs["choices"] = list(typing.get_args(tp))
         elif typing.get_origin(tp) in (list, tuple):
             item = typing.get_args(tp)[0] if typing.get_args(tp) else str
-            kwargs["type"] = lambda s, item=item: [item(x) for x in s.split(",") if x]
-            kwargs["metavar"] = "A,B,..."
+            if param.kind == param.POSITIONAL_ONLY:
+                # def main(jobs: list[str], /): one or more words, as in `cla2 flags finetune eval`
+                kwargs["nargs"] = "+" if required else "*"
+                kwargs["type"] = item
+            else:
+                kwargs["type"] = CommaList(item)
+                kwargs["metavar"] = "A,B,..."
         elif tp in (int, float, str, Path):
             kwargs["type"] = tp
         if param.kind != param.POSITIONAL_ONLY:
@@ -102,16 +124,30 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
+    """A job whose main takes ``*argv`` (`cla2 run ... -- CMD ARGS`) gets everything after the first ``--``
+    as those arguments, untouched by argparse; for the other jobs ``--`` keeps its argparse meaning."""
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    if wanted not in COMMANDS or "--" not in argv[argv.index(wanted):]:
+        return argv, []
+    params = inspect.signature(importlib.import_module(COMMANDS[wanted]).main).parameters.values()
+    if not any(p.kind == p.VAR_POSITIONAL for p in params):
+        return argv, []
+    i = argv.index("--", argv.index(wanted))
+    return argv[:i], argv[i + 1:]
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if argv is None else argv
+    argv, rest = split_command(argv)
     args = vars(build_parser(argv).parse_args(argv))
     fn = args.pop("_fn")
     args_command = args.pop("command")
     positional = [args.pop(n) for n, p in inspect.signature(fn).parameters.items()
                   if p.kind == p.POSITIONAL_ONLY]
     try:
-        fn(*positional, **args)
+        fn(*positional, *rest, **args)
     except KeyboardInterrupt:
         sys.exit(130)
     except (ValueError, OSError, RuntimeError) as exc:
