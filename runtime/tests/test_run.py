@@ -253,7 +253,7 @@ def test_sigterm_to_the_supervisor_stops_the_job_and_records_failed(run_dir):
     time.sleep(0.3)
     os.kill(started["supervisor_pid"], signal.SIGTERM)
     final = wait_free(run_dir, "ft", timeout=5)
-    assert final["state"] == "failed" and final["rc"] == -signal.SIGTERM
+    assert final["state"] == "failed" and final["rc"] == -signal.SIGTERM and final["signal"] == "SIGTERM"
     wait_dead(started["pid"])
     assert not (run_dir / ".done-ft").exists()
     assert (run_dir / "ft.log").read_text().splitlines()[-1].endswith(f" rc={-signal.SIGTERM}")
@@ -290,3 +290,50 @@ def test_status_of_a_job_never_started(run_dir):
     assert p.returncode == 0
     assert out(p) == {"state": "none", "lock": "free", "progress": None, "done": None}
     assert list(run_dir.iterdir()) == []
+
+
+def test_concurrent_starts_run_one_job(run_dir):
+    code = "import os, time; open('starts', 'a').write(f'{os.getpid()}\\n'); time.sleep(1.5)"
+    cmd = [PY, "-m", "cla2", "run", "--dir", str(run_dir), "--name", "ft", "--", *job(code)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    results = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=30)
+        assert p.returncode == 0, stderr
+        results.append(json.loads(stdout))
+    assert sorted(r["state"] for r in results) == ["running", "running", "running", "started"]
+    assert len({r["pid"] for r in results}) == 1
+    wait_free(run_dir, "ft")
+    assert (run_dir / "starts").read_text().split() == [str(results[0]["pid"])]
+
+
+def test_a_job_stopped_through_the_supervisor_is_not_done_even_if_it_exits_0(run_dir):
+    code = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); "
+            "print('up', flush=True); time.sleep(30)")
+    started = out(cla2_run(run_dir, "ft", *job(code)))
+    deadline = time.monotonic() + 5
+    while "up" not in (run_dir / "ft.log").read_text():  # its handler is in place
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(started["supervisor_pid"], signal.SIGTERM)
+    final = wait_free(run_dir, "ft", timeout=5)
+    assert final["rc"] == 0 and final["state"] == "failed" and final["signal"] == "SIGTERM"
+    assert not (run_dir / ".done-ft").exists()
+
+
+def test_a_command_that_cannot_be_executed_is_recorded_as_failed(run_dir):
+    script = run_dir / "broken.sh"
+    script.write_text("#!/no/such/interpreter\n")
+    script.chmod(0o755)
+    p = cla2_run(run_dir, "ft", "./broken.sh")
+    assert p.returncode == 2
+    failed = out(p)
+    assert failed["state"] == "failed" and "could not start ./broken.sh" in failed["error"]
+    assert failed["error"] in p.stderr
+    rec = json.loads((run_dir / "ft.job.json").read_text())
+    assert rec["state"] == "failed" and rec["rc"] == 127 and "could not start" in rec["error"]
+    wait_free(run_dir, "ft")
+    assert not (run_dir / ".done-ft").exists()
+    log = (run_dir / "ft.log").read_text().splitlines()
+    assert log[-2].startswith("== could not start ./broken.sh") and log[-1].endswith(" rc=127")

@@ -14,11 +14,15 @@ Files in RUN_DIR for a job NAME (a contract: the Ansible follower reads them dir
                     flock(2) locks, as flock(1) takes, NOT fcntl/lockf (POSIX record) locks.
   NAME.job.json     {"name", "argv", "pid" (the job process), "supervisor_pid", "host", "started" (epoch
                     seconds), "state": "running"}; when the job ends, the same plus "state": "succeeded" or
-                    "failed", "rc" (negative: killed by that signal), "ended", "seconds". Always replaced
-                    whole (temporary file + rename), never half-written.
+                    "failed", "rc" (negative: killed by that signal), "ended", "seconds", and "signal"
+                    (e.g. "SIGTERM") when it was stopped through the supervisor: such a job is "failed"
+                    even if it exited 0. A job that could not be executed at all: "failed", "rc" 127,
+                    "error".
+                    Always replaced whole (temporary file + rename), never half-written.
   NAME.log          The job's stdout and stderr, appended across attempts, framed by the lines
                     "== start <epoch> <argv, shell-quoted>" and "== end <epoch> rc=<rc>", and
-                    "== stale lock of pid P (started T) cleared" when a dead supervisor's record is replaced.
+                    "== stale lock of pid P (started T) cleared" when a dead supervisor's record is replaced,
+                    "== could not start ARGV: REASON" when the command could not be executed.
   NAME.status.json  The job's own progress, written by the job at $CLA2_STATUS_FILE (which the supervisor
                     sets to this path); removed at each start so that it never shows an earlier attempt.
   .done-NAME        {"argv", "seconds"} once the job succeeded: the same argv is not run again, other
@@ -282,7 +286,8 @@ def _supervise(files: _Files, name: str, argv: list[str], report_fd: int) -> int
     except OSError as exc:
         ended = time.time()
         error = f"could not start {shlex.join(argv)}: {exc}"
-        _append_log(files.log, f"== end {ended:.3f} rc=127 ({error})")
+        _append_log(files.log, f"== {error}")
+        _append_log(files.log, f"== end {ended:.3f} rc=127")
         _write_json(files.job, {**record, "state": "failed", "rc": 127, "ended": ended,
                                 "seconds": round(ended - started, 3), "error": error})
         os.write(report_fd, (jsonlib.dumps({"error": error}) + "\n").encode())
@@ -295,7 +300,10 @@ def _supervise(files: _Files, name: str, argv: list[str], report_fd: int) -> int
     os.write(report_fd, (jsonlib.dumps(record) + "\n").encode())
     os.close(report_fd)
 
+    stopped_by: list[str] = []
+
     def forward(signum, _frame) -> None:
+        stopped_by.append(signal.Signals(signum).name)
         try:
             os.killpg(proc.pid, signum)
         except ProcessLookupError:
@@ -308,10 +316,14 @@ def _supervise(files: _Files, name: str, argv: list[str], report_fd: int) -> int
     ended = time.time()
     seconds = round(ended - started, 3)
     _append_log(files.log, f"== end {ended:.3f} rc={rc}")
-    if rc == 0:
+    # A job stopped by a signal is not done, even when it exits 0 after saving a checkpoint.
+    succeeded = rc == 0 and not stopped_by
+    if succeeded:
         _write_json(files.done, {"argv": argv, "seconds": seconds})
-    _write_json(files.job, {**record, "state": "succeeded" if rc == 0 else "failed", "rc": rc,
-                            "ended": ended, "seconds": seconds})
+    end = {"state": "succeeded" if succeeded else "failed", "rc": rc, "ended": ended, "seconds": seconds}
+    if stopped_by:
+        end["signal"] = stopped_by[0]
+    _write_json(files.job, {**record, **end})
     return rc if rc >= 0 else 128 - rc
 
 
