@@ -226,6 +226,7 @@ def test_merge_reports_tensors_and_writes_run_json_and_merge_json(tmp_path, tiny
     assert final["phase"] == "done" and final["unit"] == "tensor" and final["step"] == final["total"] > 10
     run = json.loads((out / "run.json").read_text())
     check_common(run, "merge")
+    assert set(run["args"]) == {"adapter", "out", "model", "dtype", "shard_size", "overwrite"}
     assert run["base_model"] == str(Path(tiny_model).resolve()) and run["lora_tensors_merged"] == 14
     assert json.loads((out / "merge.json").read_text())["job"] == "merge"
 

@@ -382,10 +382,10 @@ def main(
         shard_size: Largest output shard, e.g. 2GB, 500MB, or bytes.
         overwrite: Replace a non-empty OUT (only once the new folder is complete).
     """
+    args = dict(locals())  # the flags, before anything else is a local
+    began = time.time()
     from tqdm.auto import tqdm
 
-    args = dict(locals())
-    began = time.time()
     adapter, out = Path(adapter), Path(out)
     check_output_dir(out, overwrite)
     shard_bytes = parse_size(shard_size)
