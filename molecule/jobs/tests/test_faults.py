@@ -13,14 +13,18 @@ ROOT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve(
 OUT = "/data/outputs"
 
 
-def play(playbook, *extra, wait=True):
+def play(playbook, *extra, wait=True, check=False):
+    """ansible-playbook PLAYBOOK -e EXTRA... against the scenario's host (wait=False: the running process,
+    in a session of its own, as a terminal's foreground job is, so that a Ctrl-C can reach all of it)."""
     cmd = ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], str(ROOT / "playbooks" / playbook),
            "-e", "cla2_poll_seconds=2", "-e", "cla2_reports_dir=" + os.environ["MOLECULE_EPHEMERAL_DIRECTORY"] + "/reports"]
     for e in extra:
         cmd += ["-e", e]
+    cmd += ["--check"] if check else []
     env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_ROLES_PATH": str(ROOT / "roles")}
     if not wait:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
 
 
@@ -46,7 +50,7 @@ def test_failed_job_keeps_its_log_and_the_play_shows_its_tail(host):
 
 def test_killed_training_resumes_from_its_last_checkpoint(host):
     args = ["cla2_run=fault-resume", "cla2_model=tiny-llama", "cla2_data=cla2-demo/sft/train.jsonl",
-            "cla2_max_steps=40", "cla2_save_steps=2", "cla2_grad_accum=1"]
+            '{"cla2_finetune_args": {"max-steps": 40, "save-steps": 2, "gradient-accumulation-steps": 1}}']
     proc = play("finetune.yml", *args, wait=False)
     try:
         for _ in range(300):

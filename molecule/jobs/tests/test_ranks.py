@@ -1,6 +1,6 @@
 """Training over every device of a host, scaled to the sandbox: the converge's pipeline trained SFT and PT
 as 2 ranks (torchrun --standalone, gloo on the CPU) of DeepSpeed ZeRO-3 (cla2_nproc_per_node=2,
-cla2_deepspeed=zero3) into one complete adapter each; ranks killed mid-run resume from their checkpoint
+cla2_finetune_args deepspeed: zero3) into one complete adapter each; ranks killed mid-run resume from their checkpoint
 when the play is run again; a rank count that cannot be right is refused before any rank starts."""
 
 import json
@@ -48,8 +48,8 @@ def test_pipeline_trained_two_ranks_of_zero3_into_one_complete_adapter(host):
 
 def test_killed_ranks_resume_from_their_checkpoint(host):
     args = ["cla2_run=ranks-resume", "cla2_model=tiny-llama", "cla2_data=cla2-demo/sft/train.jsonl",
-            "cla2_nproc_per_node=2", "cla2_deepspeed=zero3", "cla2_max_steps=12", "cla2_save_steps=2",
-            "cla2_grad_accum=1"]
+            "cla2_nproc_per_node=2",
+            '{"cla2_finetune_args": {"deepspeed": "zero3", "max-steps": 12, "save-steps": 2, "gradient-accumulation-steps": 1}}']
     run_dir = f"{OUT}/ranks-resume/sft"
     proc = play("finetune.yml", *args, wait=False)
     try:
@@ -83,7 +83,7 @@ def test_killed_ranks_resume_from_their_checkpoint(host):
 
 def test_a_rank_count_that_cannot_be_right_is_refused_before_any_rank_starts(host):
     res = play("finetune.yml", "cla2_run=ranks-zero", "cla2_model=tiny-llama",
-               "cla2_data=cla2-demo/sft/train.jsonl", "cla2_nproc_per_node=0")
+               "cla2_data=cla2-demo/sft/train.jsonl", "cla2_nproc_per_node=-1")
     assert res.returncode != 0
-    assert "cla2_nproc_per_node=0 rank(s), but the runtime container sees 1 cpu device(s)" in res.stdout
+    assert "cla2_nproc_per_node=-1 rank(s), but the runtime container sees 1 cpu device(s)" in res.stdout
     assert not host.file(f"{OUT}/ranks-zero/sft.log").exists

@@ -1,0 +1,134 @@
+"""Jobs that run for days, scaled to the sandbox: the job layer (roles/cla2) follows a training job for
+hundreds of poll rounds (a 24-hour job at the default 10 s poll is 8640) with progress from its status
+file; Ctrl-C on the controller leaves the job running and the same command again attaches to it, as does a
+second controller at the same time, with still one trainer; the job's log, run.json, status and TensorBoard
+files come back; a finished run is skipped with the same arguments and refused with others; misspelt
+variables, flags and presets are refused before anything runs; and --check runs every job playbook on the
+provisioned host without changing anything."""
+
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from test_faults import OUT, play
+
+DEMO = ["cla2_model=tiny-llama", "cla2_data=cla2-demo/sft/train.jsonl"]
+REPORTS = Path(os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "/tmp")) / "reports" / "cla2-jobs-1"
+# Long enough on the sandbox's 2 CPUs for well over 500 rounds of a 0.05 s poll after the Ctrl-C.
+LONG = ['{"cla2_finetune_args": {"max-steps": 1500, "save-steps": 500, "logging-steps": 5, '
+        '"gradient-accumulation-steps": 1, "batch-size": 1}}', "cla2_poll_seconds=0.05", "cla2_progress_seconds=10"]
+
+
+def status(host, run, name):
+    text = host.run(f"cat {OUT}/{run}/{name}.status.json 2>/dev/null").stdout
+    return json.loads(text) if text.strip() else {}
+
+
+def lock_held(host, run, name):
+    return host.run(f"flock -n {OUT}/{run}/.lock-{name} true").rc != 0
+
+
+def test_a_misspelt_variable_is_refused_before_anything_runs(host):
+    res = play("finetune.yml", "cla2_run=misspelt", *DEMO, "cla2_epoch=3")
+    assert res.returncode != 0
+    assert "cla2_epoch: not a variable of the cla2 job layer (a flag of cla2 finetune?" in res.stdout
+    assert '{"cla2_finetune_args": {"epochs": ...}}' in res.stdout
+    res = play("finetune.yml", "cla2_run=misspelt", *DEMO, "cla2_modle=tiny-llama")
+    assert res.returncode != 0
+    assert "cla2_modle: not a variable of the cla2 job layer (did you mean cla2_model?)" in res.stdout
+    assert not host.file(f"{OUT}/misspelt").exists
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('{"cla2_finetune_args": {"max-step": 3}}', "cla2 finetune has no flag --max-step (did you mean --max-steps?)"),
+    ('{"cla2_finetune_args": {"dtype": "fp8"}}', "--dtype is one of auto, fp32, fp16, bf16, got 'fp8'"),
+    ("cla2_preset=seed-13b-sfx", "no preset seed-13b-sfx"),
+])
+def test_a_bad_flag_or_preset_is_refused_before_anything_runs(host, extra, message):
+    res = play("finetune.yml", "cla2_run=badflag", *DEMO, extra)
+    assert res.returncode != 0
+    assert message in res.stdout
+    assert not host.file(f"{OUT}/badflag").exists
+
+
+def test_a_long_job_survives_ctrl_c_and_every_controller_attaches_to_it(host):
+    args = ["cla2_run=long", *DEMO, *LONG]
+    first = play("finetune.yml", *args, wait=False)
+    try:
+        for _ in range(600):
+            if status(host, "long", "sft").get("phase") == "training":
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the job never reported training")
+        os.killpg(first.pid, signal.SIGINT)  # Ctrl-C in the operator's terminal
+        first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    # the controller is gone; the job is not
+    job = json.loads(host.file(f"{OUT}/long/sft.job.json").content_string)
+    assert job["state"] == "running" and lock_held(host, "long", "sft")
+
+    # the same command again, and a second controller at the same time: both attach to the one job
+    again, other = play("finetune.yml", *args, wait=False), play("finetune.yml", *args, wait=False)
+    outs = [p.communicate(timeout=1200)[0] for p in (again, other)]
+    for p, out in zip((again, other), outs):
+        assert p.returncode == 0, out[-3000:]
+        assert "already running (pid" in out and "attached to it" in out
+    assert host.file(f"{OUT}/long/sft.log").content_string.count("== start") == 1  # one trainer, ever
+    rounds = [int(n) for out in outs for n in re.findall(r"sft: succeeded \(rc 0\) after (\d+) poll rounds", out)]
+    assert len(rounds) == 2 and max(rounds) >= 500, rounds
+    # progress came from the status file while it ran
+    assert re.search(r"sft: training step \d+/1500 \(\d+\.\d%\) · loss \d+\.\d{4} · [\d,]+ tok/s · ETA", outs[0])
+
+    final = status(host, "long", "sft")
+    assert final["phase"] == "done" and final["step"] == final["total"] == 1500
+    reports = REPORTS / "long"
+    assert "== end" in (reports / "sft.log").read_text()
+    assert json.loads((reports / "sft.job.json").read_text())["state"] == "succeeded"
+    assert json.loads((reports / "sft.status.json").read_text())["phase"] == "done"
+    run = json.loads((reports / "sft" / "run.json").read_text())
+    assert run["job"] == "finetune" and run["outcome"] == "succeeded" and run["versions"]
+    assert list((reports / "sft").rglob("events.out.tfevents.*")), "no TensorBoard files fetched"
+    assert (reports / "sft" / "loss.png").exists()
+
+    # finished: the same arguments skip it, other arguments are refused and change nothing
+    res = play("finetune.yml", *args)
+    assert res.returncode == 0 and "finished earlier with the same arguments: skipped" in res.stdout
+    res = play("finetune.yml", "cla2_run=long", *DEMO, '{"cla2_finetune_args": {"max-steps": 3}}')
+    assert res.returncode != 0
+    assert "already finished with other arguments" in res.stdout
+    assert json.loads(host.file(f"{OUT}/long/.done-sft").content_string)["argv"][-1] == "--resume"
+
+
+CONVERGED = ["cla2_run=molecule", "cla2_demo=true", "cla2_nproc_per_node=2",
+             '{"cla2_finetune_args": {"max-steps": 2, "save-steps": 1, "deepspeed": "zero3"}, '
+             '"cla2_pretrain_args": {"max-steps": 2, "save-steps": 1, "deepspeed": "zero3"}, '
+             '"cla2_generate_args": {"max-new-tokens": 8}}',
+             "inference_service_api_key=molecule-secret", "inference_service_bind_address=0.0.0.0"]
+
+
+@pytest.mark.parametrize("playbook, extra", [
+    ("finetune.yml", ["cla2_run=molecule", *DEMO]),
+    ("pretrain.yml", ["cla2_run=molecule", "cla2_model=tiny-llama", "cla2_data=cla2-demo/pt",
+                      "cla2_preset=seed-13b-pt", '{"cla2_pretrain_args": {"max-steps": 2}}']),
+    ("merge.yml", ["cla2_run=molecule", "cla2_adapter=molecule/sft", "cla2_job_name=merged-sft"]),
+    ("evaluate.yml", ["cla2_run=molecule", "cla2_model=tiny-llama", "cla2_eval_data=cla2-demo/ceval",
+                      "cla2_job_name=eval-base"]),
+    ("pipeline.yml", CONVERGED),
+])
+def test_check_mode_runs_every_job_playbook_and_changes_nothing(host, playbook, extra):
+    before = host.check_output(f"find {OUT} -newer /etc/hostname | wc -l")
+    res = play(playbook, *extra, check=True)
+    assert res.returncode == 0, res.stdout[-3000:]
+    recap = re.search(r"cla2-jobs-1\s*:\s*ok=\d+\s+changed=(\d+)\s+unreachable=0\s+failed=0", res.stdout)
+    assert recap and recap.group(1) == "0", res.stdout[-3000:]
+    assert "check mode:" in res.stdout  # what a run would do
+    assert host.check_output(f"find {OUT} -newer /etc/hostname | wc -l") == before
+    if playbook == "pretrain.yml":  # the preset's flags under the operator's
+        assert "--lr 0.0002" in res.stdout and "--block-size 512" in res.stdout and "--max-steps 2" in res.stdout

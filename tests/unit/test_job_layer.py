@@ -1,0 +1,192 @@
+"""The cla2 job layer's controller side (roles/cla2), in seconds and without a sandbox host:
+
+- cla2_follow (action_plugins/cla2_follow.py) follows a job through thousands of poll rounds, run by
+  ansible-playbook against 127.0.0.1, with a stand-in supervisor that keeps the files `cla2 run` keeps
+  (flock(1) holding RUN/.lock-NAME, NAME.job.json, NAME.status.json, NAME.log); a job that fails, one whose
+  supervisor dies and one that outlives the follow limit each end the play with what to do;
+- the filters that check an operator's variables and a job's flags (filter_plugins/cla2_job.py);
+- no task file includes itself (the old follower did, and died of Ansible's recursion limit).
+
+molecule/jobs/tests/test_long_jobs.py runs the same against real jobs on a sandbox host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+ROLE = ROOT / "roles" / "cla2"
+sys.path.insert(0, str(ROLE / "filter_plugins"))
+
+from cla2_job import cla2_argv, cla2_unknown_vars  # noqa: E402
+
+from ansible.errors import AnsibleFilterError  # noqa: E402
+
+FLAGS = {
+    "max-steps": {"type": "int"}, "lr": {"type": "float"}, "overwrite": {"type": "bool"},
+    "gradient-checkpointing": {"type": "bool"}, "lora-targets": {"type": "list"},
+    "dtype": {"type": "str", "choices": ["auto", "fp32", "fp16", "bf16"]}, "deepspeed": {"type": "str"},
+    "gradient-accumulation-steps": {"type": "int"}, "benchmark": {"type": "str", "positional": True},
+}
+
+
+# --- a job followed to its end -------------------------------------------------------------------
+
+def fake_job(run: Path, name: str, seconds: float, rc: int = 0, steps: int = 50) -> subprocess.Popen:
+    """What `cla2 run` leaves: a supervisor holding the lock while a job writes its status, then the record."""
+    script = textwrap.dedent(f"""
+        import json, os, sys, time
+        run, name = sys.argv[1], sys.argv[2]
+        def write(path, obj):
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(obj, f)
+            os.replace(tmp, path)
+        job = {{"name": name, "argv": ["cla2", "finetune"], "pid": os.getpid(), "state": "running", "started": time.time()}}
+        write(f"{{run}}/{{name}}.job.json", job)
+        t0 = time.time()
+        while time.time() - t0 < {seconds}:
+            step = min({steps}, int((time.time() - t0) / {seconds} * {steps}) + 1)
+            write(f"{{run}}/{{name}}.status.json", {{"job": "finetune", "phase": "training", "step": step,
+                  "total": {steps}, "unit": "step", "loss": 2.0 / step, "tokens_per_s": 1234.5, "eta_s": 5}})
+            with open(f"{{run}}/{{name}}.log", "a") as f:
+                f.write(f"step {{step}}\\n")
+            time.sleep(0.05)
+        write(f"{{run}}/{{name}}.job.json", {{**job, "state": "succeeded" if {rc} == 0 else "failed", "rc": {rc}}})
+    """)
+    return subprocess.Popen(["flock", str(run / f".lock-{name}"), sys.executable, "-c", script, str(run), name])
+
+
+def follow(tmp_path: Path, run: Path, name: str, **options) -> subprocess.CompletedProcess:
+    args = {"run_dir": str(run), "name": name, "poll": 0, "progress_seconds": 0, **options}
+    play = tmp_path / "follow.yml"
+    play.write_text(yaml.safe_dump([{
+        "hosts": "all", "gather_facts": False,
+        "tasks": [{"name": "Follow", "cla2_follow": args, "register": "followed"},
+                  {"name": "Rounds", "ansible.builtin.debug": {"msg": "rounds={{ followed.rounds }}"}}]}]))
+    env = {**os.environ, "ANSIBLE_ACTION_PLUGINS": str(ROLE / "action_plugins"), "ANSIBLE_NOCOLOR": "1",
+           "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg")}
+    return subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", "127.0.0.1,", "-c", "local",
+                           str(play)], env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_a_job_is_followed_for_thousands_of_rounds_to_its_end(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    job = fake_job(run, "sft", seconds=12)
+    res = follow(tmp_path, run, "sft")
+    job.wait()
+    assert res.returncode == 0, res.stdout[-3000:]
+    rounds = int(re.search(r"rounds=(\d+)", res.stdout).group(1))
+    assert rounds >= 500, rounds
+    # progress from the status file, on the operator's screen
+    assert re.search(r"sft: training step \d+/50 \(\d+\.\d%\) · loss \d\.\d{4} · 1,234 tok/s · ETA 5s", res.stdout)
+    assert f"succeeded (rc 0) after {rounds} poll rounds" in res.stdout
+    assert "RecursionError" not in res.stdout + res.stderr
+
+
+def test_a_failed_job_fails_the_play_with_its_log(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    job = fake_job(run, "eval", seconds=1, rc=3)
+    res = follow(tmp_path, run, "eval", tail=2)
+    job.wait()
+    assert res.returncode != 0
+    assert "eval failed on 127.0.0.1 (exit 3)" in res.stdout
+    assert f"Log: {run}/eval.log" in res.stdout and "step " in res.stdout
+
+
+def test_a_job_whose_supervisor_died_is_reported_as_stopped(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "pt.job.json").write_text(json.dumps({"name": "pt", "state": "running", "pid": 1}))
+    (run / "pt.log").write_text("step 7\n")
+    res = follow(tmp_path, run, "pt")
+    assert res.returncode != 0
+    assert "pt on 127.0.0.1 stopped without finishing" in res.stdout
+    assert "Re-run the same command" in res.stdout and "step 7" in res.stdout
+
+
+def test_following_past_the_time_limit_leaves_the_job_running(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    job = fake_job(run, "sft", seconds=6)
+    try:
+        res = follow(tmp_path, run, "sft", timeout=1, poll=0.1)
+        assert res.returncode != 0
+        assert "still runs after 1s of following (cla2_job_timeout); it goes on" in res.stdout
+        assert job.poll() is None  # the job is not the follower's to stop
+    finally:
+        job.kill()
+
+
+# --- variables and flags -------------------------------------------------------------------------
+
+def test_flags_become_argv():
+    argv = cla2_argv({"max_steps": 100, "lr": 1e-4, "gradient-checkpointing": True, "overwrite": False,
+                      "lora-targets": ["q_proj", "v_proj"], "dtype": "fp16", "deepspeed": None}, "finetune", FLAGS)
+    assert argv == ["--max-steps", "100", "--lr", "0.0001", "--gradient-checkpointing", "--no-overwrite",
+                    "--lora-targets", "q_proj,v_proj", "--dtype", "fp16"]
+
+
+def test_presets_apply_under_the_operator_s_flags():
+    presets = [{"name": "a", "content": {"finetune": {"lr": 2e-4, "max-steps": 5}, "pretrain": {"lr": 1}}},
+               {"name": "b", "content": {"finetune": {"gradient_accumulation_steps": 8}}}]
+    argv = cla2_argv({"max_steps": 7}, "finetune", FLAGS, presets)
+    assert argv == ["--lr", "0.0002", "--max-steps", "7", "--gradient-accumulation-steps", "8"]
+
+
+@pytest.mark.parametrize("mapping, message", [
+    ({"max-step": 3}, "cla2 finetune has no flag --max-step (did you mean --max-steps?)"),
+    ({"max-steps": "many"}, "--max-steps takes an int, got 'many'"),
+    ({"max-steps": 2.5}, "--max-steps takes an int, got 2.5"),
+    ({"dtype": "fp8"}, "--dtype is one of auto, fp32, fp16, bf16, got 'fp8'"),
+    ({"overwrite": "maybe"}, "--overwrite takes true or false"),
+    ({"out": "/tmp/x"}, "--out is set by the playbook from cla2_run"),
+    ({"benchmark": "ceval"}, "has no flag --benchmark"),
+    (["--max-steps", "3"], "must be a mapping of flag name to value"),
+])
+def test_bad_flags_are_refused_with_what_to_change(mapping, message):
+    with pytest.raises(AnsibleFilterError, match=re.escape(message)):
+        cla2_argv(mapping, "finetune", FLAGS)
+
+
+def test_misspelt_variables_get_the_closest_name():
+    known = yaml.safe_load((ROLE / "meta" / "argument_specs.yml").read_text())["argument_specs"]["main"]["options"]
+    messages = cla2_unknown_vars(["cla2_modle", "cla2_run", "cla2_max_steps", "cla2_qqqqqqqqqq"], list(known),
+                                 {"finetune": FLAGS})
+    assert messages == [
+        "cla2_max_steps: not a variable of the cla2 job layer (a flag of cla2 finetune? set it in the job's flag "
+        "mapping: -e '{\"cla2_finetune_args\": {\"max-steps\": ...}}')",
+        "cla2_modle: not a variable of the cla2 job layer (did you mean cla2_model?)",
+        "cla2_qqqqqqqqqq: not a variable of the cla2 job layer",
+    ]
+
+
+def test_every_variable_is_declared_and_defaulted():
+    specs = yaml.safe_load((ROLE / "meta" / "argument_specs.yml").read_text())["argument_specs"]["main"]["options"]
+    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+    assert set(defaults) <= set(specs)
+    # the two kit-wide variables the inventory sets are declared so that they are not refused
+    assert set(specs) - set(defaults) == {"cla2_data_root", "cla2_sandbox_fixtures"}
+    used = set()
+    jobs = ["finetune", "pretrain", "merge", "evaluate", "pipeline"]
+    for path in list(ROLE.rglob("*.yml")) + [ROOT / "playbooks" / f"{job}.yml" for job in jobs]:
+        used |= set(re.findall(r"(?<![\w.])cla2_[a-z0-9_]+", path.read_text()))
+    # every cla2_* name the job layer reads is declared (filters and lookups are not variables)
+    assert used - set(specs) <= {"cla2_argv", "cla2_unknown_vars", "cla2_follow", "cla2_runtime"}, used - set(specs)
+
+
+def test_no_task_file_includes_itself():
+    for path in list(ROOT.glob("roles/*/tasks/*.yml")) + list(ROOT.glob("playbooks/**/*.yml")):
+        for task in re.findall(r"(?:include_tasks|import_tasks):\s*(\S+)", path.read_text()):
+            assert Path(task.strip("'\"")).name != path.name, f"{path} includes itself"
