@@ -24,7 +24,7 @@ RESERVED = {
 
 
 def _suggest(name: str, candidates, prefix: str = "") -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
 
 
@@ -34,18 +34,26 @@ def cla2_unknown_vars(names, known, flags=None):
     flags = flags or {}
     messages = []
     bare_known = {k.removeprefix("cla2_"): k for k in known}
+
+    def score(a, b):
+        return difflib.SequenceMatcher(None, a, b).ratio()
+
     for name in sorted(set(names) - set(known)):
         bare = name.removeprefix("cla2_")
+        # the closest declared variable, and the closest flag of a job (cla2_max_steps: a flag given as a
+        # variable of its own); the closer of the two is the hint
+        var = max(bare_known, key=lambda k: score(bare, k), default=None)
+        flag = max(((job, f) for job, spec in flags.items() for f in spec
+                    if f not in RESERVED and not spec[f].get("positional")),
+                   key=lambda jf: score(bare.replace("_", "-"), jf[1]), default=None)
+        var_score = score(bare, var) if var else 0
+        flag_score = score(bare.replace("_", "-"), flag[1]) if flag else 0
         hint = ""
-        for job, spec in flags.items():  # a job's flag given as a variable of its own (cla2_max_steps)
-            close = difflib.get_close_matches(bare.replace("_", "-"), list(spec), n=1, cutoff=0.75)
-            if close:
-                hint = (f" (a flag of cla2 {job}? set it in the job's flag mapping: "
-                        f"-e '{{\"cla2_{job}_args\": {{\"{close[0]}\": ...}}}}')")
-                break
-        if not hint:
-            close = difflib.get_close_matches(bare, list(bare_known), n=3, cutoff=0.7)
-            hint = f" (did you mean {', '.join(bare_known[c] for c in close)}?)" if close else ""
+        if flag_score >= 0.75 and flag_score > var_score:
+            hint = (f" (a flag of cla2 {flag[0]}? set it in the job's flag mapping: "
+                    f"-e '{{\"cla2_{flag[0]}_args\": {{\"{flag[1]}\": ...}}}}')")
+        elif var_score >= 0.7:
+            hint = f" (did you mean {bare_known[var]}?)"
         messages.append(f"{name}: not a variable of the cla2 job layer{hint}")
     return messages
 
