@@ -27,9 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 ROLE = ROOT / "roles" / "cla2"
 sys.path.insert(0, str(ROLE / "filter_plugins"))
 
-from cla2_job import cla2_argv, cla2_unknown_vars  # noqa: E402
-
-from ansible.errors import AnsibleFilterError  # noqa: E402
+from ansible.errors import AnsibleFilterError
+from cla2_job import cla2_argv, cla2_unknown_vars
 
 FLAGS = {
     "max-steps": {"type": "int"}, "lr": {"type": "float"}, "overwrite": {"type": "bool"},
@@ -165,8 +164,8 @@ def test_misspelt_variables_get_the_closest_name():
     messages = cla2_unknown_vars(["cla2_modle", "cla2_run", "cla2_max_steps", "cla2_qqqqqqqqqq"], list(known),
                                  {"finetune": FLAGS})
     assert messages == [
-        "cla2_max_steps: not a variable of the cla2 job layer (a flag of cla2 finetune? set it in the job's flag "
-        "mapping: -e '{\"cla2_finetune_args\": {\"max-steps\": ...}}')",
+        ("cla2_max_steps: not a variable of the cla2 job layer (a flag of cla2 finetune? set it in the job's flag "
+         "mapping: -e '{\"cla2_finetune_args\": {\"max-steps\": ...}}')"),
         "cla2_modle: not a variable of the cla2 job layer (did you mean cla2_model?)",
         "cla2_qqqqqqqqqq: not a variable of the cla2 job layer",
     ]
