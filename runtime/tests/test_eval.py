@@ -48,19 +48,127 @@ def test_summary_matches_the_csvs_and_the_predictions(ceval_zero_shot, ceval_dir
         assert set(pred) == set(gold) and set(pred.values()) <= set("ABCD")
         correct = sum(pred[i] == a for i, a in gold.items())
         assert subjects[s]["num"] == len(gold)
-        assert subjects[s]["correct"] == correct
+        assert subjects[s]["correct"] == pytest.approx(correct) and round(subjects[s]["correct"]) == correct
         assert subjects[s]["score"] == pytest.approx(100 * correct / len(gold))
         cat = mapping[s][2]
         group_c[cat] = group_c.get(cat, 0) + correct
         group_n[cat] = group_n.get(cat, 0) + len(gold)
-    assert set(summary["grouped"]) == {"STEM", "Social Science", "Humanities", "Other"}
+    assert list(summary["grouped"]) == ["STEM", "Social Science", "Humanities", "Other"]
     for cat in group_c:
-        assert summary["grouped"][cat] == pytest.approx(group_c[cat] / group_n[cat])
-    assert summary["All"] == pytest.approx(sum(group_c.values()) / 1346)
+        assert list(summary["grouped"][cat]) == ["correct", "num", "score"]
+        assert summary["grouped"][cat]["num"] == group_n[cat]
+        assert summary["grouped"][cat]["score"] == pytest.approx(group_c[cat] / group_n[cat])
+    assert list(summary["All"]) == ["score", "num", "correct"]
+    assert summary["All"]["num"] == 1346
+    assert summary["All"]["score"] == pytest.approx(sum(group_c.values()) / 1346)
     report = (ceval_zero_shot / "report.md").read_text()
-    assert "计算机网络" in report and f"{100 * summary['All']:.2f}" in report
+    assert "计算机网络" in report and f"{100 * summary['All']['score']:.2f}" in report
     run = json.loads((ceval_zero_shot / "run.json").read_text())
     assert run["metrics"]["questions"] == 1346 and run["args"]["shots"] == 0
+    assert run["metrics"]["accuracy"] == summary["All"]["score"]
+
+
+def seed_summary_bytes(results: dict[str, tuple[int, int]], subject_mapping: dict, folder: Path) -> bytes:
+    """take0/summary.json as the seed writes it, its arithmetic and dump restated from the published script:
+    ymcui/Chinese-LLaMA-Alpaca-2 scripts/ceval/eval.py, commit a8d643ef5a2ed27a54aec5deb49fa095e086717f (main()),
+    with correct_ratio = 100*correct_num/len(answers) from scripts/ceval/llama_evaluator.py, commit
+    1544e60ac4f13e630d1f3bdfdae6d641743b4e05. ``results``: subject -> (correct_num, len(val_df)) in the order the
+    seed lists the subjects; ``subject_mapping``: the content of its subject_mapping.json."""
+    summary: dict = {}
+    for subject, (correct_num, n) in results.items():
+        correct_ratio = 100 * correct_num / n
+        summary[subject] = {"score": correct_ratio, "num": n, "correct": correct_ratio * n / 100}
+    summary["grouped"] = {g: {"correct": 0.0, "num": 0} for g in ("STEM", "Social Science", "Humanities", "Other")}
+    for subject, info in subject_mapping.items():
+        summary["grouped"][info[2]]["num"] += summary[subject]["num"]
+        summary["grouped"][info[2]]["correct"] += summary[subject]["correct"]
+    total_num, total_correct = 0, 0
+    for info in summary["grouped"].values():
+        info["score"] = info["correct"] / info["num"]
+        total_num += info["num"]
+        total_correct += info["correct"]
+    summary["All"] = {"score": total_correct / total_num, "num": total_num, "correct": total_correct}
+    path = folder / "seed-summary.json"
+    with open(path, "w") as f:
+        json.dump(summary, f, ensure_ascii=False, indent=2)
+    return path.read_bytes()
+
+
+def kit_summary_bytes(results: dict[str, tuple[int, int]], folder: Path) -> bytes:
+    meta = {s: m for s, m in ev.subjects_of("ceval").items() if s in results}
+    path = folder / "kit-summary.json"
+    path.write_text(ev.summary_text(ev.summarize(results, meta, "ceval")), encoding="utf-8")
+    return path.read_bytes()
+
+
+def correct_counts(predictions: dict[str, dict[str, str]], answers: dict[str, dict[str, str]]) -> dict:
+    """subject -> (correct_num, questions), counted from the predictions as the seed's evaluator counts."""
+    return {s: (sum(pred[i] == answers[s][i] for i in pred), len(pred)) for s, pred in predictions.items()}
+
+
+def test_summary_json_is_the_seeds_byte_for_byte_for_fixed_predictions(tmp_path):
+    # Fixed predictions for one subject of each category (the seed divides by every group's count, so it needs
+    # all four), with counts whose seed "correct" (100*c/n*n/100) is not the integer: 1/11, 5/19, 5/15, 9/21.
+    gold = {"computer_network": "ABCDABCDABC", "college_physics": "ABCDABCDABCDABCDABC",
+            "college_economics": "DDDDDCCCCCBBBBB", "law": "AAAAAAAAAAAAAAAAAAAAA", "accountant": "ABCDABCDAB"}
+    guess = {"computer_network": "ACDACDACDAB", "college_physics": "ABCDACDABCDABCDABCD",
+             "college_economics": "DDDDDDDDDDDDDDD", "law": "AAAAAAAAABBBBBBBBBBBB", "accountant": "DCBADCBADC"}
+    answers = {s: {str(i): a for i, a in enumerate(g)} for s, g in gold.items()}
+    predictions = {s: {str(i): a for i, a in enumerate(g)} for s, g in guess.items()}
+    results = correct_counts(predictions, answers)
+    assert results == {"computer_network": (1, 11), "college_physics": (5, 19), "college_economics": (5, 15),
+                       "law": (9, 21), "accountant": (0, 10)}
+    known = ev.subjects_of("ceval")
+    mapping = {s: [known[s][0], known[s][1], known[s][2][0]] for s in known if s in results}
+    want = seed_summary_bytes(results, mapping, tmp_path)
+    assert kit_summary_bytes(results, tmp_path) == want
+    seed = json.loads(want)
+    assert seed["college_physics"] == {"score": 500 / 19, "num": 19, "correct": 4.999999999999999}
+    assert seed["computer_network"]["correct"] == 1.0000000000000002
+    assert seed["All"]["num"] == 76 and seed["All"]["score"] == pytest.approx(20 / 76)
+    assert not want.endswith(b"\n")
+
+
+def test_summary_json_is_the_seeds_byte_for_byte_over_all_subjects(tmp_path, ceval_dir):
+    """Every C-Eval subject, with the seed's own subject_mapping.json (that of the C-Eval data)."""
+    mapping = json.loads((ceval_dir / "subject_mapping.json").read_text(encoding="utf-8"))
+    rng = random.Random(3)
+    results = {}
+    for s in mapping:
+        n = rng.randint(11, 60)
+        results[s] = (rng.randint(0, n), n)
+    assert kit_summary_bytes(results, tmp_path) == seed_summary_bytes(results, mapping, tmp_path)
+
+
+def test_an_eval_writes_the_seeds_summary_json_for_its_predictions(ceval_zero_shot, ceval_dir, tmp_path):
+    """cla2 eval's take0/summary.json is what the seed's script writes for the same predictions."""
+    predictions = json.loads((ceval_zero_shot / "take0" / "submission.json").read_text(encoding="utf-8"))
+    mapping = json.loads((ceval_dir / "subject_mapping.json").read_text(encoding="utf-8"))
+    results = correct_counts(predictions, read_answers(ceval_dir))
+    got = (ceval_zero_shot / "take0" / "summary.json").read_bytes()
+    assert got == seed_summary_bytes(results, mapping, tmp_path)
+
+
+def test_cmmlu_groups_and_order_are_the_seeds():
+    """scripts/cmmlu/eval.py (commit b6ef97d61fa76e58613092c8fcd2b437da3ee275) builds its subject mapping from
+    categories.py category by category (STEM, Humanities, Social Science, Other, China specific), so a subject of two
+    categories is filed under "China specific" alone and is listed with the first of its categories."""
+    meta = ev.subjects_of("cmmlu")
+    mapping = ev.seed_mapping("cmmlu", meta)
+    assert len(mapping) == 67 and dict(mapping)["ancient_chinese"] == "China specific"
+    assert dict(mapping)["anatomy"] == "STEM" and dict(mapping)["agronomy"] == "Other"
+    order = [s for s, _ in mapping]
+    assert order[0] == "anatomy" and order.index("chinese_history") < order.index("ancient_chinese")
+    assert order.index("ancient_chinese") < order.index("agronomy") < order.index("chinese_driving_rule")
+    summary = ev.summarize({"ancient_chinese": (3, 11), "anatomy": (1, 4)}, meta, "cmmlu")
+    assert list(summary["grouped"]) == ["China specific", "STEM"] and summary["All"]["num"] == 15
+
+
+def test_the_count_comes_back_from_the_seeds_correct():
+    """A replica's summary gives its counts back: round() of the seed's float correct is the count."""
+    for n in range(1, 400):
+        for c in range(n + 1):
+            assert round(ev.summarize({"law": (c, n)}, {"law": ev.subjects_of("ceval")["law"]})["law"]["correct"]) == c
 
 
 def test_refuses_a_non_empty_out(ceval_zero_shot, tiny_model, ceval_dir):
@@ -128,7 +236,7 @@ def test_subsets_missing_and_malformed_files(tiny_model, ceval_dir, tmp_path):
     # no --subjects: the subjects that are there
     summary = ev.main("ceval", model=tiny_model, data=data, out=tmp_path / "o1", shots=1)
     assert {k for k in summary if k not in ("grouped", "All")} == {"law", "college_physics"}
-    assert set(summary["grouped"]) == {"Humanities", "STEM"}
+    assert list(summary["grouped"]) == ["STEM", "Humanities"]  # the seed's order; no empty group
     # a requested subject whose file is missing: the file is named
     with pytest.raises(FileNotFoundError, match="accountant_val.csv"):
         ev.main("ceval", model=tiny_model, data=data, out=tmp_path / "o2", subjects=["accountant"])
@@ -160,7 +268,9 @@ def test_cmmlu_layout(tiny_model, tmp_path):
                     w.writerow([i, f"{s}问题{i}", "甲", "乙", "丙", "丁", rng.choice("ABCD")])
     summary = ev.main("cmmlu", model=tiny_model, data=data, out=tmp_path / "out", shots=2, with_prompt=True)
     assert summary["ancient_chinese"]["num"] == 12 and summary["anatomy"]["num"] == 12
-    assert set(summary["grouped"]) == {"STEM", "Social Science", "China specific"}
+    # the seed's CMMLU files a China-specific subject under "China specific" only, and lists that group first
+    assert list(summary["grouped"]) == ["China specific", "STEM"]
+    assert summary["grouped"]["China specific"]["num"] == 12 and summary["All"]["num"] == 24
     sub = json.loads((tmp_path / "out" / "take0" / "submission.json").read_text())
     assert set(sub["anatomy"]) == {str(i) for i in range(12)}
     assert len(ev.subjects_of("cmmlu")) == 67
@@ -189,7 +299,7 @@ def test_a_finetuned_model_scores_higher(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     data = toy_ceval(tmp_path / "toy")
-    before = ev.main("ceval", model=tiny_model, data=data, out=tmp_path / "before")["All"]
+    before = ev.main("ceval", model=tiny_model, data=data, out=tmp_path / "before")["All"]["score"]
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     torch.manual_seed(0)
@@ -219,7 +329,7 @@ def test_a_finetuned_model_scores_higher(tiny_model, tmp_path):
         opt.step()
     adapter = tmp_path / "adapter"
     model.save_pretrained(adapter)
-    after = ev.main("ceval", model=tiny_model, adapter=adapter, data=data, out=tmp_path / "after")["All"]
+    after = ev.main("ceval", model=tiny_model, adapter=adapter, data=data, out=tmp_path / "after")["All"]["score"]
     assert after > before + 0.3, (before, after)
 
 

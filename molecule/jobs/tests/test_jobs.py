@@ -64,7 +64,10 @@ def test_each_stage_evaluated_on_the_host(host, stage):
     summary = json.loads(host.file(f"{RUN}/eval-{stage}/take0/summary.json").content_string)
     assert summary["computer_network"]["num"] == 5
     assert summary["high_school_physics"]["num"] == 5
-    assert 0.0 <= summary["All"] <= 1.0
+    # the seed's layout: All (and each group) is {"score": fraction, "num", "correct"}
+    assert list(summary["All"]) == ["score", "num", "correct"]
+    assert 0.0 <= summary["All"]["score"] <= 1.0
+    assert summary["All"]["num"] == sum(g["num"] for g in summary["grouped"].values())
 
 
 def test_training_outputs_and_merges(host):

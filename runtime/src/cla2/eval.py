@@ -31,7 +31,6 @@ from cla2.prompts import build_prompt
 
 CHOICES = "ABCD"
 FEW_SHOT_HEADER = "以下是中国关于{}考试的单项选择题，请选出其中的正确答案。\n\n"
-GROUPS = ("STEM", "Social Science", "Humanities", "Other")
 
 
 @dataclass(frozen=True)
@@ -200,23 +199,62 @@ class Scorer:
         return results  # type: ignore[return-value]
 
 
-def summarize(per_subject: dict[str, tuple[int, int]], meta: dict[str, tuple[str, str, list[str]]]) -> dict:
-    """The seed's summary.json: subject -> score (percent), num, correct; grouped and All as fractions."""
+# summary.json is the seed's, byte for byte: main() of ymcui/Chinese-LLaMA-Alpaca-2
+#   scripts/ceval/eval.py (commit a8d643ef5a2ed27a54aec5deb49fa095e086717f) and
+#   scripts/cmmlu/eval.py (commit b6ef97d61fa76e58613092c8fcd2b437da3ee275, with scripts/cmmlu/categories.py at
+#   c877dbdc4922a74ae4b51110b400f641930c9dcd), with their evaluators' subject score, correct_ratio =
+#   100*correct_num/len(answers) (scripts/ceval/llama_evaluator.py at 1544e60ac4f13e630d1f3bdfdae6d641743b4e05,
+#   scripts/cmmlu/llama2_evaluator.py at 091095abd64e667ddee501e92bb5d8376a89483d):
+#   subject: {"score": percent, "num": questions, "correct": score*num/100 (a float, as the seed computes it)}
+#   grouped: {group: {"correct": float sum of the subjects' correct, "num": int, "score": correct/num (a fraction)}},
+#            the groups in the seed's order, each subject summed in the order of the seed's subject mapping
+#   All:     {"score": fraction, "num": int, "correct": float}, summed over the groups in that order
+# written with json.dump(..., ensure_ascii=False, indent=2), no trailing newline.
+# Where the seed would fail (it sums every subject of its mapping, so a subset is a KeyError, and an empty group a
+# ZeroDivisionError), the kit sums the subjects evaluated and leaves out the groups that got none.
+SEED_GROUPS = {"ceval": ("STEM", "Social Science", "Humanities", "Other"),
+               "cmmlu": ("China specific", "STEM", "Social Science", "Humanities", "Other")}
+# scripts/cmmlu/categories.py's order of categories; its eval.py lists the subjects category by category in this
+# order and files a subject of two categories under the later one (always "China specific").
+CMMLU_CATEGORIES = ("STEM", "Humanities", "Social Science", "Other", "China specific")
+
+
+def seed_mapping(benchmark: str, meta: dict[str, tuple[str, str, list[str]]]) -> list[tuple[str, str]]:
+    """(subject, group) in the order of the seed's subject mapping, for the subjects in ``meta``.
+
+    C-Eval: subject_mapping.json's order, which is the order of the shipped ceval_subjects.json. CMMLU: the
+    shipped order (that of categories.py within each category) grouped by category as the seed's eval.py does."""
+    if benchmark != "cmmlu":
+        return [(s, meta[s][2][0]) for s in meta]
+    order = sorted(meta, key=lambda s: CMMLU_CATEGORIES.index(meta[s][2][0]))
+    return [(s, "China specific" if "China specific" in meta[s][2] else meta[s][2][0]) for s in order]
+
+
+def summarize(per_subject: dict[str, tuple[int, int]], meta: dict[str, tuple[str, str, list[str]]],
+              benchmark: str = "ceval") -> dict:
+    """The seed's summary.json from each subject's (correct, num): see the comment above."""
     summary: dict = {}
     for s, (correct, num) in per_subject.items():
-        summary[s] = {"score": 100.0 * correct / num, "num": num, "correct": correct}
-    groups: dict[str, list[int]] = {}
-    for s, (correct, num) in per_subject.items():
-        for cat in meta[s][2]:
-            g = groups.setdefault(cat, [0, 0])
-            g[0] += correct
-            g[1] += num
-    order = list(GROUPS) + sorted(set(groups) - set(GROUPS))
-    summary["grouped"] = {g: groups[g][0] / groups[g][1] for g in order if g in groups}
-    total_c = sum(c for c, _ in per_subject.values())
-    total_n = sum(n for _, n in per_subject.values())
-    summary["All"] = total_c / total_n if total_n else 0.0
+        score = 100 * correct / num  # the seed's correct_ratio
+        summary[s] = {"score": score, "num": num, "correct": score * num / 100}
+    grouped: dict = {g: {"correct": 0.0, "num": 0} for g in SEED_GROUPS[benchmark]}
+    for s, group in seed_mapping(benchmark, {s: meta[s] for s in meta if s in per_subject}):
+        grouped.setdefault(group, {"correct": 0.0, "num": 0})
+        grouped[group]["num"] += summary[s]["num"]
+        grouped[group]["correct"] += summary[s]["correct"]
+    summary["grouped"] = {g: info for g, info in grouped.items() if info["num"]}
+    total_num, total_correct = 0, 0
+    for info in summary["grouped"].values():
+        info["score"] = info["correct"] / info["num"]
+        total_num += info["num"]
+        total_correct += info["correct"]
+    summary["All"] = {"score": total_correct / total_num, "num": total_num, "correct": total_correct}
     return summary
+
+
+def summary_text(summary: dict) -> str:
+    """summary.json's text as the seed writes it (json.dump(summary, f, ensure_ascii=False, indent=2))."""
+    return json.dumps(summary, ensure_ascii=False, indent=2)
 
 
 def write_report(path: Path, benchmark: str, summary: dict, meta: dict, info: dict) -> None:
@@ -227,14 +265,15 @@ def write_report(path: Path, benchmark: str, summary: dict, meta: dict, info: di
              f"({info['questions_per_second']:.1f} questions/s)", "",
              "| category | accuracy |", "|---|---:|"]
     for g, v in summary["grouped"].items():
-        lines.append(f"| {g} | {100 * v:.2f} |")
-    lines += [f"| **All** | **{100 * summary['All']:.2f}** |", "",
+        lines.append(f"| {g} | {100 * v['score']:.2f} |")
+    lines += [f"| **All** | **{100 * summary['All']['score']:.2f}** |", "",
               "| subject | 科目 | category | questions | correct | accuracy |", "|---|---|---|---:|---:|---:|"]
     for s in sorted(meta, key=lambda s: (meta[s][2][0], s)):
         r = summary[s]
-        lines.append(f"| {s} | {meta[s][1]} | {', '.join(meta[s][2])} | {r['num']} | {r['correct']} | {r['score']:.2f} |")
-    lines += ["", "Accuracies are percentages. `take0/summary.json` holds the same numbers (subject scores in percent, "
-              "`grouped` and `All` as fractions); `take0/submission.json` holds each question's predicted letter.", ""]
+        lines.append(f"| {s} | {meta[s][1]} | {', '.join(meta[s][2])} | {r['num']} | {round(r['correct'])} | {r['score']:.2f} |")
+    lines += ["", "Accuracies are percentages. `take0/summary.json` holds the same numbers in the seed's layout "
+              "(each subject's `score` in percent; each group's and `All`'s `score` as a fraction, with `num` and "
+              "`correct`); `take0/submission.json` holds each question's predicted letter.", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
@@ -259,7 +298,8 @@ def across_replicas(benchmark: str, groups: list[list[int]], sets: dict, **job_f
             take = tmp / f"part-{i}" / "take0"
             summary = json.loads((take / "summary.json").read_text(encoding="utf-8"))
             submission = json.loads((take / "submission.json").read_text(encoding="utf-8"))
-            per_subject.update({s: (summary[s]["correct"], summary[s]["num"]) for s in part})
+            # "correct" is the seed's float (score * num / 100): the count is the nearest integer
+            per_subject.update({s: (round(summary[s]["correct"]), summary[s]["num"]) for s in part})
             if (take / "predictions.json").exists():  # --do-test: submission.json holds the test split's
                 predictions.update(json.loads((take / "predictions.json").read_text(encoding="utf-8")))
                 test_predictions.update(submission)
@@ -392,7 +432,7 @@ def main(
         forwards = scorer.forwards
     seconds = time.perf_counter() - started
     meta = {s: known[s] for s in chosen}
-    summary = summarize(per_subject, meta)
+    summary = summarize(per_subject, meta, benchmark)
     questions = sum(n for _, n in per_subject.values())
     info = {"model": str(model), "adapter": str(adapter) if adapter else None, "split": bench.eval_split,
             "shots": shots, "with_prompt": with_prompt, "questions": questions, "seconds": seconds,
@@ -405,7 +445,7 @@ def main(
     st.update("saving", force=True)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         (tmp / "take0").mkdir()
-        (tmp / "take0" / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
+        (tmp / "take0" / "summary.json").write_text(summary_text(summary), encoding="utf-8")
         (tmp / "take0" / "submission.json").write_text(
             json.dumps(test_predictions if tests else predictions, ensure_ascii=False, indent=2), encoding="utf-8")
         if tests:
@@ -415,10 +455,11 @@ def main(
         run = run_record(
             "eval", args, began, time.time(), command="eval", benchmark=benchmark, plan=placement.to_json(),
             device=placement.kind, device_groups=groups, dtype=placement.dtype,
-            metrics={"accuracy": summary["All"], "grouped": summary["grouped"], "questions": questions,
+            metrics={"accuracy": summary["All"]["score"],
+                     "grouped": {g: v["score"] for g, v in summary["grouped"].items()}, "questions": questions,
                      "seconds": round(seconds, 3), "questions_per_second": round(info["questions_per_second"], 3),
                      "forward_passes": forwards})
         write_json(tmp / "run.json", run)
-    print(f"{benchmark}: {questions} questions, accuracy {100 * summary['All']:.2f}% "
+    print(f"{benchmark}: {questions} questions, accuracy {100 * summary['All']['score']:.2f}% "
           f"({info['questions_per_second']:.1f} questions/s) -> {out}", file=sys.stderr)
     return summary
