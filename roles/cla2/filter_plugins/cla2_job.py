@@ -98,7 +98,7 @@ def cla2_argv(mapping, job, flags, presets=None):
     if not isinstance(mapping, dict):
         raise AnsibleFilterError(f"cla2_{job}_args must be a mapping of flag name to value "
                                  f"(e.g. {{max-steps: 100}}), got {mapping!r}")
-    merged = cla2_preset_args(presets, job)
+    merged = _preset_args(presets, job)
     merged.update({_flag(k): v for k, v in mapping.items()})
     argv = []
     for flag, value in merged.items():
@@ -121,7 +121,7 @@ def cla2_argv(mapping, job, flags, presets=None):
     return argv
 
 
-def cla2_preset_args(presets, job):
+def _preset_args(presets, job):
     """The flags of `job` from loaded presets [{name, content}], later presets overriding earlier ones."""
     merged = {}
     for preset in presets or []:
@@ -135,5 +135,4 @@ def cla2_preset_args(presets, job):
 
 class FilterModule:
     def filters(self):
-        return {"cla2_unknown_vars": cla2_unknown_vars, "cla2_argv": cla2_argv,
-                "cla2_preset_args": cla2_preset_args}
+        return {"cla2_unknown_vars": cla2_unknown_vars, "cla2_argv": cla2_argv}
