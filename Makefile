@@ -18,7 +18,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export CLA2_FIXTURES := $(FIXTURES)
 # pip that builds the runtime's wheelhouse and the stand-in image's wheels on the controller
 export CLA2_HOST_PIP := $(CURDIR)/$(VENV)/bin/python -m pip
-DEMO_VARS := -e @playbooks/vars/sandbox-demo.yml
+
 export ANSIBLE_FORCE_COLOR := 0
 
 .PHONY: demo bench-demo test venv runtime-venv compat-venv sandbox-image fixtures lint test-units test-runtime \
@@ -85,8 +85,8 @@ sandbox-destroy: venv
 # Sandbox host, site.yml, the seed's whole workflow on a tiny model (run name `demo`: a re-run finds
 # every stage done and changes nothing), then the web chat and the API stay up.
 demo: sandbox
-	ansible-playbook site.yml -l mlu-hosts $(DEMO_VARS)
-	ansible-playbook playbooks/pipeline.yml -l mlu-hosts $(DEMO_VARS) -e cla2_demo=true -e cla2_run=demo
+	ansible-playbook site.yml -l mlu-hosts
+	ansible-playbook playbooks/pipeline.yml -l mlu-hosts -e cla2_demo=true -e cla2_run=demo
 	@ip=$$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' cla2-sandbox-1); \
 	 echo; echo "Demo ready. Reports: reports/cla2-sandbox-1/demo/ (comparison.md compares C-Eval across stages)"; \
 	 echo "  web chat: http://$$ip:19327/chat/   (password: the API key)"; \

@@ -5,10 +5,12 @@ The play asks for the report; the callback only records and writes:
 - a task that sets the fact ``provision_report_start`` (``{"dir": <reports dir>}``) starts the record for
   its host: from then on every task result on that host with ``changed: true`` is noted under its role
   ("play" for a task outside any role), handlers included;
-- a task that sets the fact ``provision_report`` (the versions and devices the roles know) ends it;
+- a task that sets the fact ``provision_report`` (the versions and devices the roles know) gives the summary;
+  recording goes on to the end of the playbook, and a later task may set it again (site.yml adds the
+  runtime it deployed after provision.yml);
 - when the playbook ends, ``<dir>/<host>/provision.json`` is written for each host that started a record:
   ``{"host", "time", "ansible_version", "versions", "devices", "changed": {role: [task, ...]}, "ok"}``,
-  ``ok`` true only when the host reached the end of the record and no task failed (unrescued) or was
+  ``ok`` true only when the host reached the summary and no task failed (unrescued) or was
   unreachable on it in this run. The same report is appended as one line to
   ``<dir>/<host>/provision-history.jsonl``: what each provisioning run changed, oldest first.
 
@@ -77,10 +79,10 @@ class CallbackModule(CallbackBase):
         facts = data.get("ansible_facts") or {}
         if START_FACT in facts:
             self._hosts[host] = {"dir": str(facts[START_FACT].get("dir", "reports")), "changed": {},
-                                 "summary": None, "recording": True}
+                                 "summary": None}
             return
         rec = self._hosts.get(host)
-        if not rec or not rec["recording"]:
+        if not rec:
             return
         if data.get("changed"):
             names = rec["changed"].setdefault(_role_of(task), [])
@@ -88,8 +90,9 @@ class CallbackModule(CallbackBase):
             if name not in names:
                 names.append(name)
         if END_FACT in facts:
+            # the summary so far; a later play may set it again (site.yml adds the runtime it deployed), and
+            # what changes until the playbook ends is recorded too
             rec["summary"] = facts[END_FACT]
-            rec["recording"] = False
 
     def v2_runner_on_ok(self, result):
         self._record(result)
