@@ -189,3 +189,83 @@ def test_no_task_file_includes_itself():
     for path in list(ROOT.glob("roles/*/tasks/*.yml")) + list(ROOT.glob("playbooks/**/*.yml")):
         for task in re.findall(r"(?:include_tasks|import_tasks):\s*(\S+)", path.read_text()):
             assert Path(task.strip("'\"")).name != path.name, f"{path} includes itself"
+
+
+# --- eval as the seed's: zero-shot, the validation split, the chat template for Alpaca models ---------
+
+EVAL_FLAGS = {"shots": {"type": "int"}, "with-prompt": {"type": "bool"}, "do-test": {"type": "bool"},
+              "subjects": {"type": "list"}, "benchmark": {"type": "str", "positional": True}}
+
+
+def eval_argv(tmp_path: Path, model: str, template="auto", eval_args=None, presets=()) -> list[str]:
+    """The eval flags tasks/eval_template.yml decides for `model` (on 127.0.0.1, no runtime needed)."""
+    defaults = yaml.safe_load((ROLE / "tasks" / "flags.yml").read_text())
+    layer = next(t for t in defaults if "_cla2_job_defaults" in t.get("ansible.builtin.set_fact", {}))
+    play = tmp_path / "eval_template.yml"
+    play.write_text(yaml.safe_dump([{
+        "hosts": "all", "gather_facts": False,
+        "vars": {"cla2_eval_template": template, "cla2_eval_args": eval_args or {}, "cla2_eval_benchmark": "ceval",
+                 "cla2_demo": False, "_cla2_args": {"eval": []}, "_cla2_flags": {"eval": EVAL_FLAGS},
+                 "_cla2_presets": list(presets),
+                 "_cla2_job_defaults": layer["ansible.builtin.set_fact"]["_cla2_job_defaults"]},
+        "tasks": [{"name": "Decide", "ansible.builtin.include_tasks": str(ROLE / "tasks" / "eval_template.yml"),
+                   "vars": {"_cla2_template_model": model}},
+                  {"name": "Argv", "ansible.builtin.debug": {"msg": "ARGV={{ _cla2_args.eval | join(' ') }}"}}]}],
+                                  sort_keys=False))
+    env = {**os.environ, "ANSIBLE_FILTER_PLUGINS": str(ROLE / "filter_plugins"), "ANSIBLE_NOCOLOR": "1",
+           "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg")}
+    res = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", "127.0.0.1,", "-c", "local",
+                          "-e", f"ansible_python_interpreter={sys.executable}", str(play)], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return re.search(r"ARGV=(.*)$", res.stdout, re.M).group(1).strip("'\"").split()
+
+
+def merged(path: Path, base: Path) -> Path:
+    """A model folder as cla2 merge leaves it: merge.json names the base model."""
+    path.mkdir(parents=True)
+    (path / "merge.json").write_text(json.dumps({"job": "merge", "adapter": str(path) + "-adapter",
+                                                 "base_model": str(base)}))
+    return path
+
+
+def test_eval_is_the_seed_s_zero_shot_validation_with_the_template_for_alpaca(tmp_path):
+    # the seed's run_mlu_eval*.sh: --few_shot False --with_prompt True --do_test False on chinese-alpaca-2-13b
+    alpaca = tmp_path / "models" / "chinese-alpaca-2-13b"
+    alpaca.mkdir(parents=True)
+    assert eval_argv(tmp_path, str(alpaca)) == ["--shots", "0", "--with-prompt", "--no-do-test"]
+    # a base LLaMA model: no chat template (upstream keeps it for Alpaca-2 models)
+    llama = tmp_path / "models" / "chinese-llama-2-13b"
+    llama.mkdir(parents=True)
+    assert eval_argv(tmp_path, str(llama)) == ["--shots", "0", "--no-with-prompt", "--no-do-test"]
+    # the run folder's name does not count, only model folders
+    assert "--no-with-prompt" in eval_argv(tmp_path, str(merged(tmp_path / "alpaca-run" / "merged", llama)))
+
+
+def test_a_cla2_merged_model_is_an_alpaca_model_when_its_base_is(tmp_path):
+    alpaca = tmp_path / "models" / "Chinese-Alpaca-2-13B"
+    alpaca.mkdir(parents=True)
+    sft = merged(tmp_path / "run" / "merged-sft", alpaca)
+    assert "--with-prompt" in eval_argv(tmp_path, str(sft))
+    # PT on the SFT-merged model (cla2_pt_base: sft): two merges back
+    assert "--with-prompt" in eval_argv(tmp_path, str(merged(tmp_path / "run" / "merged-pt", sft)))
+    # a folder that does not exist yet (check mode) is not an Alpaca model by its own name
+    assert "--no-with-prompt" in eval_argv(tmp_path, str(tmp_path / "run" / "merged-x"))
+
+
+def test_the_eval_defaults_are_overridable(tmp_path):
+    alpaca = tmp_path / "chinese-alpaca-2-13b"
+    alpaca.mkdir()
+    assert "--no-with-prompt" in eval_argv(tmp_path, str(alpaca), template=False)
+    assert "--with-prompt" in eval_argv(tmp_path, str(tmp_path), template="true")
+    # cla2_eval_args wins over the layer's defaults and over cla2_eval_template; null gives cla2's default
+    assert eval_argv(tmp_path, str(alpaca), eval_args={"shots": 5, "with-prompt": None, "do-test": True}) == [
+        "--shots", "5", "--do-test"]
+    # a preset too
+    preset = {"name": "p", "content": {"eval": {"with-prompt": False, "subjects": ["law"]}}}
+    assert eval_argv(tmp_path, str(alpaca), presets=[preset]) == [
+        "--shots", "0", "--no-with-prompt", "--no-do-test", "--subjects", "law"]
+
+
+def test_an_unknown_eval_template_is_refused(tmp_path):
+    with pytest.raises(AssertionError, match="cla2_eval_template: one of auto, true, false; got maybe"):
+        eval_argv(tmp_path, str(tmp_path), template="maybe")
