@@ -20,6 +20,7 @@ COMMANDS = {
     "finetune": "cla2.finetune",
     "pretrain": "cla2.pretrain",
     "merge": "cla2.merge",
+    "convert": "cla2.convert",
     "chat": "cla2.chat",
     "generate": "cla2.generate",
     "serve": "cla2.serve",

@@ -127,9 +127,10 @@ def check_loadable(model: Path) -> None:
         raise ValueError(
             f"model folder {model} holds PyTorch .bin weights ({bins[0].name}), and transformers "
             f"{transformers.__version__} does not read .bin files with torch {torch.__version__} (torch.load "
-            "before torch 2.6 is unsafe for untrusted files, CVE-2025-32434). Give it the model as safetensors: "
-            "convert the folder once where torch >= 2.6 is installed (AutoModelForCausalLM.from_pretrained(DIR)"
-            ".save_pretrained(OUT), then copy the tokenizer files)") from None
+            "before torch 2.6 is unsafe for untrusted files, CVE-2025-32434). Convert it to safetensors once, in "
+            f"place and without running the files' pickles: cla2 convert --model {model} (the model_weights role "
+            "does this when it places a .bin model; with torch >= 2.6 elsewhere, from_pretrained(DIR)"
+            ".save_pretrained(OUT) works too)") from None
 
 
 def load_pretrained(auto_cls, model: Path, dtype: torch.dtype):

@@ -4,7 +4,9 @@ The published 13B folders hold three ~10 GB shards: merging shard by shard would
 machine, so nothing here ever holds more than one base tensor plus the adapter pieces that tensor needs.
 safetensors files are read with plain positioned reads from their header's offsets (no memory map, so the
 pages read do not stay in the process), PyTorch ``.bin`` shards through ``torch.load(mmap=True,
-weights_only=True)`` with each tensor's pages released once it is written. The output is written the
+weights_only=True)`` with each tensor's pages released once it is written where torch >= 2.6, and through
+the pickle-free reader of cla2/torchbin.py (one tensor at a time from its zip entry) before that: torch
+2.1's ``weights_only`` can be bypassed by a crafted file (CVE-2025-32434). The output is written the
 same way: every shard's header is planned first, then each tensor is streamed into place.
 
 The adapter is checked completely before anything is written: zero-size tensors (what the seed's
@@ -30,7 +32,7 @@ from typing import Literal
 
 import torch
 
-from cla2 import status
+from cla2 import status, torchbin
 from cla2.io import atomic_output_dir, check_output_dir, run_record, weight_files, write_json
 
 ST_DTYPES = {
@@ -60,6 +62,7 @@ class TensorRef:
     dtype: torch.dtype
     start: int = -1  # byte offset of the data in a safetensors file
     end: int = -1
+    entry: torchbin.TensorEntry | None = None  # a .bin tensor read without torch.load
 
     @property
     def nbytes(self) -> int:
@@ -128,6 +131,23 @@ def release_pages(t: torch.Tensor) -> None:
         pass
 
 
+def torch_load_is_safe() -> bool:
+    """torch.load(weights_only=True) is trusted from torch 2.6 on (CVE-2025-32434); before, .bin files are read
+    with cla2.torchbin, which never runs their pickle."""
+    from packaging.version import Version
+
+    return Version(torch.__version__.split("+")[0]).release >= (2, 6)
+
+
+def bin_refs(path: Path) -> dict[str, TensorRef]:
+    """The tensors of a .bin file through the pickle-free reader: shapes and dtypes, nothing read yet."""
+    try:
+        entries = torchbin.read_index(path)
+    except torchbin.TorchBinError as exc:
+        raise MergeError(str(exc)) from None
+    return {n: TensorRef(path, n, e.shape, ST_DTYPES[e.dtype], entry=e) for n, e in entries.items()}
+
+
 class BaseReader:
     """The base model's tensors by name, read one at a time from safetensors or .bin shards."""
 
@@ -138,6 +158,8 @@ class BaseReader:
         for f in self.files:
             if f.suffix == ".safetensors":
                 self.refs.update(safetensors_index(f))
+            elif not torch_load_is_safe():
+                self.refs.update(bin_refs(f))
             else:
                 try:
                     sd = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)  # torch 2.1: a str
@@ -149,6 +171,8 @@ class BaseReader:
                     self.refs[name] = TensorRef(f, name, tuple(t.shape), t.dtype)
 
     def read(self, ref: TensorRef) -> torch.Tensor:
+        if ref.entry is not None:
+            return torchbin.load_torch(ref.entry)
         if ref.file in self._bin:
             t = self._bin[ref.file][ref.name]
             copy = t.clone()
@@ -171,6 +195,8 @@ class Adapter:
     def get(self, name: str) -> torch.Tensor:
         if name in self.loaded:
             return self.loaded[name]
+        if self.refs[name].entry is not None:
+            return torchbin.load_torch(self.refs[name].entry)
         return read_tensor(self.refs[name])
 
 
@@ -191,6 +217,8 @@ def load_adapter(folder: Path) -> Adapter:
     loaded: dict[str, torch.Tensor] = {}
     if st.exists():
         refs = safetensors_index(st)
+    elif binf.exists() and not torch_load_is_safe():
+        refs = bin_refs(binf)
     elif binf.exists():
         loaded = torch.load(str(binf), map_location="cpu", mmap=True, weights_only=True)
         refs = {n: TensorRef(binf, n, tuple(t.shape), t.dtype) for n, t in loaded.items()}
