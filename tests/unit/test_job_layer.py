@@ -217,7 +217,7 @@ def eval_argv(tmp_path: Path, model: str, template="auto", eval_args=None, prese
     res = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", "127.0.0.1,", "-c", "local",
                           "-e", f"ansible_python_interpreter={sys.executable}", str(play)], env=env, capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return re.search(r"ARGV=(.*)$", res.stdout, re.M).group(1).strip("'\"").split()
+    return re.search(r"ARGV=(.*)$", res.stdout, re.MULTILINE).group(1).strip("'\"").split()
 
 
 def merged(path: Path, base: Path) -> Path:
