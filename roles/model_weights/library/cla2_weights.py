@@ -90,7 +90,10 @@ SYNC_FILE_RANGE_WRITE = 2
 META_MANIFEST = ".cla2-manifest.sha256"
 META_STAMP = ".cla2-stamp.json"
 META_PROGRESS = ".cla2-progress.json"
-META = (META_MANIFEST, META_STAMP, META_PROGRESS)
+# Written by cla2_convert after placement (the .bin weights converted to safetensors, beside them): the files
+# it lists are the conversion's, checked by it, not part of what was placed.
+META_CONVERT = ".cla2-convert.json"
+META = (META_MANIFEST, META_STAMP, META_PROGRESS, META_CONVERT)
 
 
 class PlaceError(Exception):
@@ -411,7 +414,8 @@ class Placer(object):
             return "manifest changed"
         if identity != stamp.get("source"):
             return "source changed"
-        names = walk_files(self.dest)
+        converted = (read_json(os.path.join(self.dest, META_CONVERT)) or {}).get("outputs") or {}
+        names = [n for n in walk_files(self.dest) if n not in converted]
         if listing_stamp(self.dest, names) != stamp.get("files"):
             return "files changed since placed (sizes or mtimes)"
         if self.m.params["verify"] == "full":
