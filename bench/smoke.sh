@@ -10,6 +10,7 @@ ctl=.venv/bin/python
 run() { echo "== bench $*"; "$@"; }
 
 run "$rt" bench/merge_memory.py --smoke
+run "$rt" bench/convert_memory.py --smoke
 run "$rt" bench/train_throughput.py --smoke
 run "$rt" bench/serve_throughput.py --smoke
 run "$rt" bench/eval_speed.py --smoke

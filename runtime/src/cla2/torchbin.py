@@ -35,6 +35,7 @@ peak is about one chunk whatever the model's size.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -481,6 +482,10 @@ def convert_folder(model: Path, out: Path | None = None, check: bool = False,
     out.mkdir(parents=True, exist_ok=True)
     tag = f".cla2-tmp-{os.getpid()}"
     temps: list[tuple[Path, Path]] = []
+    # The inputs' sha256 (for the stamp) on a thread of its own, while the tensors are copied: hashlib
+    # releases the GIL, so hashing (slower than a disk read on some CPUs) overlaps the conversion.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    hashed = {f: pool.submit(sha256_file, model / f) for f, _, _ in shards} if hash_inputs else {}
     try:
         # An earlier conversion's stamp stays until the new one replaces it: it no longer matches the inputs,
         # so an interrupted run is converted again next time.
@@ -493,7 +498,7 @@ def convert_folder(model: Path, out: Path | None = None, check: bool = False,
                 raise OSError("simulated failure")
         for f, _, _ in shards:
             size, mtime = _identity(model / f)
-            inputs[f] = {"size": size, "mtime_ns": mtime, "sha256": sha256_file(model / f) if hash_inputs else None}
+            inputs[f] = {"size": size, "mtime_ns": mtime, "sha256": hashed[f].result() if hash_inputs else None}
         if (model / BIN_INDEX).exists():
             size, mtime = _identity(model / BIN_INDEX)
             inputs[BIN_INDEX] = {"size": size, "mtime_ns": mtime, "sha256": sha256_file(model / BIN_INDEX)}
@@ -520,12 +525,16 @@ def convert_folder(model: Path, out: Path | None = None, check: bool = False,
         os.replace(out / f"{STAMP}{tag}", out / STAMP)
         _fsync_dir(out)
     except BaseException:
+        for future in hashed.values():
+            future.cancel()
         for tmp, _ in temps:
             try:
                 tmp.unlink()
             except OSError:
                 pass
         raise
+    finally:
+        pool.shutdown(wait=True)
     return result
 
 
