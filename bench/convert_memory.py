@@ -27,7 +27,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_memory import REPO, measure, write_model  # noqa: E402  (the same model generator and meter)
+from merge_memory import (  # the same model generator and meter
+    REPO,
+    measure,
+    write_model,
+)
 
 TARGET = 0.1
 

@@ -237,3 +237,34 @@ def test_torchbin_imports_without_torch(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "2"
     assert load_file(folder / "model-00002-of-00002.safetensors")["b"].dtype == torch.bfloat16
+
+
+def test_merge_reads_bin_base_and_adapter_without_torch_load(tmp_path, tiny_model_small_tok, monkeypatch):
+    """Under torch < 2.6 cla2 merge reads .bin shards and adapter_model.bin through the pickle-free reader:
+    forced here on any torch, the tensors are those torch.load gives, and torch.load is never called."""
+    from cla2 import merge
+
+    folder, sd = hfl_folder(tiny_model_small_tok, tmp_path / "hfl", "bf16")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    lora = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 64),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(64, 4)}
+    torch.save(lora, adapter / "adapter_model.bin")
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    monkeypatch.setattr(merge, "torch_load_is_safe", lambda: False)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
+    reader = merge.BaseReader(folder)
+    assert set(reader.refs) == set(sd)
+    for name, t in sd.items():
+        got = reader.read(reader.refs[name])
+        assert got.dtype == t.dtype and torch.equal(_bits(got), _bits(t)), name
+    ad = merge.load_adapter(adapter)
+    assert all(torch.equal(ad.get(k), v) for k, v in lora.items())
+    out = tmp_path / "merged"
+    merge.main(adapter, out, model=folder)
+    merged = load_file(out / "model.safetensors")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    expected = (sd[q].float() + 2.0 * (lora[q.replace("model.", "base_model.model.model.", 1).replace(
+        ".weight", ".lora_B.weight")] @ lora[q.replace("model.", "base_model.model.model.", 1).replace(
+            ".weight", ".lora_A.weight")])).to(torch.bfloat16)
+    assert torch.equal(merged[q], expected)
