@@ -61,6 +61,9 @@ def test_wheel_in_container_is_the_one_on_the_host(host):
 
 @pytest.mark.parametrize("stage", ["base", "sft", "pt"])
 def test_each_stage_evaluated_on_the_host(host, stage):
+    # as the seed's eval commands: zero-shot, the validation split; tiny-llama is no Alpaca model: no template
+    done = json.loads(host.file(f"{RUN}/.done-eval-{stage}").content_string)
+    assert done["argv"][-4:] == ["--shots", "0", "--no-with-prompt", "--no-do-test"], done["argv"]
     summary = json.loads(host.file(f"{RUN}/eval-{stage}/take0/summary.json").content_string)
     assert summary["computer_network"]["num"] == 5
     assert summary["high_school_physics"]["num"] == 5
@@ -77,9 +80,13 @@ def test_training_outputs_and_merges(host):
         assert host.file(f"{RUN}/.done-{stage}").exists
     run = json.loads(host.file(f"{RUN}/sft/run.json").content_string)
     assert run["world_size"] == 2  # the converge trains as 2 ranks of ZeRO-3 (test_ranks.py)
-    # The PT stage trained the SFT-merged model, not the stock one.
+    # The PT stage trained the stock model, as the seed's run_pretraining_13b.sh (cla2_pt_base: stock), not the
+    # SFT-merged one; its merge went onto the stock model too.
     pt = json.loads(host.file(f"{RUN}/pt/run.json").content_string)
-    assert "merged-sft" in json.dumps(pt)
+    assert pt["base_model"] == f"{DATA}/models/tiny-llama", pt["base_model"]
+    assert "merged-sft" not in json.dumps(pt)
+    merge = json.loads(host.file(f"{RUN}/merged-pt/merge.json").content_string)
+    assert merge["base_model"] == f"{DATA}/models/tiny-llama"
 
 
 def test_reports_fetched_to_the_controller():

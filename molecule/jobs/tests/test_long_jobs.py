@@ -128,6 +128,7 @@ CONVERGED = ["cla2_run=molecule", "cla2_demo=true", "cla2_nproc_per_node=2",
     ("evaluate.yml", ["cla2_run=molecule", "cla2_model=tiny-llama", "cla2_eval_data=cla2-demo/ceval",
                       "cla2_job_name=eval-base"]),
     ("pipeline.yml", CONVERGED),
+    ("pipeline.yml", [*CONVERGED, "cla2_pt_base=sft"]),
 ])
 def test_check_mode_runs_every_job_playbook_and_changes_nothing(host, playbook, extra):
     before = host.check_output(f"find {OUT} -newer /etc/hostname | wc -l")
@@ -139,3 +140,8 @@ def test_check_mode_runs_every_job_playbook_and_changes_nothing(host, playbook, 
     assert host.check_output(f"find {OUT} -newer /etc/hostname | wc -l") == before
     if playbook == "pretrain.yml":  # the preset's flags under the operator's
         assert "--lr 0.0002" in said(res) and "--block-size 1024" in said(res) and "--max-steps 2" in said(res)
+    if playbook in ("evaluate.yml", "pipeline.yml"):  # the seed's eval: zero-shot, validation, no template for LLaMA
+        assert "--shots 0 --no-with-prompt --no-do-test" in said(res)
+    if playbook == "pipeline.yml":  # PT trains the stock model (the seed's), or the SFT-merged one when asked
+        base = f"{OUT}/molecule/merged-sft" if "cla2_pt_base=sft" in extra else "/data/models/tiny-llama"
+        assert re.search(rf"-m cla2 pretrain --model {re.escape(base)} --data ", said(res)), said(res)[-3000:]
