@@ -130,8 +130,7 @@ def test_eos_stops(engine):
     assert r.finish_reason == "length" and r.completion_tokens == 3
     from cla2.engine import Request
 
-    req = Request([1, 2], SamplingParams(), lambda e: None, engine.tokenizer, engine.vocab_size, engine.device,
-                  engine.eos_ids, 10)
+    req = Request([1, 2], SamplingParams(), lambda e: None, engine.tokenizer, engine.eos_ids, 10)
     req.push(next(iter(engine.eos_ids)))
     assert req.finish_reason == "stop" and req.output_ids == []
 
@@ -160,6 +159,68 @@ def test_bad_params(engine, field, value):
     with pytest.raises(InvalidRequest) as err:
         engine.submit("hi", SamplingParams(**{field: value}))
     assert err.value.param == field
+
+
+@pytest.mark.parametrize("seed", [2**70, 2**64, -(2**63) - 1, True, 1.5])
+def test_out_of_range_seed_is_an_invalid_request(engine, seed):
+    """torch's manual_seed takes 64 bits and fails with a bare RuntimeError beyond (a 500 in the server)."""
+    with pytest.raises(InvalidRequest) as err:
+        engine.submit("hi", SamplingParams(seed=seed))
+    assert err.value.param == "seed"
+    for ok in (2**64 - 1, -(2**63), 0):
+        assert engine.generate(["hi"], SamplingParams(seed=ok, max_new_tokens=2))[0].finish_reason != "error"
+
+
+def wait_until(cond, timeout: float = 10) -> bool:
+    deadline = time.time() + timeout
+    while not cond() and time.time() < deadline:
+        time.sleep(0.01)
+    return cond()
+
+
+def test_waiting_queue_is_bounded_and_holds_nothing_on_the_device(engine):
+    """A bounded queue refuses the next request (QueueFull, the server's 429); a waiting request holds no
+    vocabulary-sized tensor: it gets one when it is admitted to the batch."""
+    from cla2.engine import QueueFull
+
+    e = Engine(engine.model, engine.tokenizer, engine.device, max_batch_size=1, max_waiting=2)
+    try:
+        running = e.stream("从前", SamplingParams(max_new_tokens=1000, temperature=0))
+        next(running)
+        assert wait_until(lambda: e.num_running == 1)
+        waiting = [e.stream("你好", SamplingParams(max_new_tokens=5, repetition_penalty=1.1)) for _ in range(2)]
+        assert e.num_waiting == 2
+        assert all(r.seen is None for r in e._waiting), "a queued request holds a tensor on the device"
+        assert e._active[0].seen is not None  # the admitted one has its mask
+        with pytest.raises(QueueFull, match="2 requests are already waiting"):
+            e.submit("再来", SamplingParams(max_new_tokens=5))
+        running.close()  # the slot frees, the queue drains, and there is room again
+        for w in waiting:
+            *_, result = w
+            assert result.finish_reason in ("stop", "length")
+        assert e.generate(["再来"], SamplingParams(max_new_tokens=3))[0].completion_tokens > 0
+        assert e.finished["cancelled"] == 1
+    finally:
+        e.close()
+
+
+def test_idle_engine_uses_no_cpu(engine):
+    """The engine's loop waits on a condition: an idle engine costs (about) no CPU. Measured as CPU
+    time of the engine thread over 2 s, a resource bound, not a speed."""
+    import os
+
+    engine.generate(["hi"], SamplingParams(max_new_tokens=2))
+    tid = engine._thread.native_id
+    stat = f"/proc/self/task/{tid}/stat"
+
+    def ticks() -> int:
+        fields = open(stat).read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+
+    before = ticks()
+    time.sleep(2)
+    used = (ticks() - before) / os.sysconf("SC_CLK_TCK")
+    assert used < 0.05, f"the idle engine thread used {used:.2f} s of CPU in 2 s"
 
 
 def test_cancel_frees_the_slot(engine):

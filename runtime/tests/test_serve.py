@@ -116,8 +116,35 @@ def test_completions_stream_and_greedy(client):
     assert "usage" not in events[-2]
 
 
+JSON = {"Content-Type": "application/json"}
+HI = [{"role": "user", "content": "hi"}]
+
+
 @pytest.mark.parametrize("kwargs,status,param", [
-    ({"content": b"{not json"}, 400, None),
+    ({"content": b"{not json", "headers": JSON}, 400, None),
+    ({"content": b"[" * 200_000 + b"]" * 200_000, "headers": JSON}, 400, None),  # nesting bomb
+    ({"content": b'{"messages": ' + b"[" * 100 + b"]" * 100 + b"}", "headers": JSON}, 400, None),
+    ({"content": b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "headers": JSON},
+     400, None),
+    ({"content": b"[1, 2]", "headers": JSON}, 400, None),
+    ({"json": {"messages": HI, "seed": 2**70}}, 400, "seed"),
+    ({"json": {"messages": HI, "seed": -(2**64)}}, 400, "seed"),
+    ({"json": {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}}, 400, "messages"),
+    ({"json": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}},
+     400, "messages"),
+    ({"json": {"messages": [{"role": "user", "content": [5]}]}}, 400, "messages"),
+    ({"json": {"messages": [{"role": "user", "content": 5}]}}, 400, "messages"),
+    ({"json": {"messages": "hi"}}, 400, "messages"),
+    ({"json": {"messages": HI, "temperature": "0.5"}}, 400, "temperature"),
+    ({"json": {"messages": HI, "temperature": True}}, 400, "temperature"),
+    ({"json": {"messages": HI, "max_tokens": 1.5}}, 400, "max_tokens"),
+    ({"json": {"messages": HI, "max_tokens": 2**70}}, 400, "max_new_tokens"),
+    ({"json": {"messages": HI, "top_k": 2**70}}, 400, "top_k"),
+    ({"json": {"messages": HI, "stop": [1]}}, 400, "stop"),
+    ({"json": {"messages": HI, "stop": ["x"] * 17}}, 400, "stop"),
+    ({"json": {"messages": HI, "stream": "yes"}}, 400, "stream"),
+    ({"json": {"messages": HI, "stream_options": "x"}}, 400, "stream_options"),
+    ({"json": {"messages": HI, "n": 2}}, 400, "n"),
     ({"json": {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}}, 404, "model"),
     ({"json": {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}}, 400, "temperature"),
     ({"json": {"messages": [{"role": "user", "content": "hi"}], "top_p": 7}}, 400, "top_p"),
@@ -130,8 +157,10 @@ def test_completions_stream_and_greedy(client):
 def test_bad_requests_get_openai_errors(client, kwargs, status, param):
     r = client.post("/v1/chat/completions", **kwargs)
     assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
     err = r.json()["error"]
-    assert err["message"] and err["type"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["message"] and err["type"] == ("invalid_request_error")
     if param:
         assert err["param"] == param or (err["param"] or "").startswith(param)
     if "字" in json.dumps(kwargs.get("json", {}), ensure_ascii=False) and status == 400 and param == "messages":
@@ -296,3 +325,162 @@ def test_cli_serve_reports_a_placement_that_cannot_work_through_health(tiny_mode
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# ---- hardening (issue 14): limits, refusals, cancellation, idle cost -----------------------------------------
+
+
+def test_body_over_the_limit_is_413(engine):
+    s = Server(create_app(engine, web=False, max_body_bytes=10_000))
+    try:
+        big = {"prompt": "a" * 20_000, "max_tokens": 1}
+        r = httpx.post(s.url + "/v1/completions", json=big)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+        assert "--max-body-bytes" in r.json()["error"]["message"]
+
+        def chunked():  # no Content-Length: the limit is enforced while reading
+            data = json.dumps(big).encode()
+            for i in range(0, len(data), 1000):
+                yield data[i:i + 1000]
+
+        r = httpx.post(s.url + "/v1/completions", content=chunked(), headers=JSON)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+        ok = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+        assert ok.status_code == 200
+    finally:
+        s.stop()
+
+
+def test_health_answers_while_a_prompt_is_tokenised(client, engine, monkeypatch):
+    """Tokenising a 2 MB prompt takes seconds (3.2 MB: 4.7 s here); it runs in a worker thread, so the
+    event loop, and /health, answer meanwhile. The slow tokeniser is simulated (2 s) to make it certain."""
+    started, ended = threading.Event(), threading.Event()
+    real = engine.encode
+
+    def slow_encode(prompt):
+        started.set()
+        time.sleep(2)
+        ended.set()
+        return real(prompt)
+
+    monkeypatch.setattr(engine, "encode", slow_encode)
+    worker = threading.Thread(target=lambda: client.post("/v1/completions",
+                                                          json={"prompt": "hi", "max_tokens": 1}))
+    worker.start()
+    assert started.wait(10)
+    t0 = time.perf_counter()
+    r = httpx.get(client.base_url.join("/health"), timeout=10)
+    waited = time.perf_counter() - t0
+    assert r.status_code == 200
+    assert not ended.is_set(), f"/health waited for the tokeniser ({waited:.1f} s)"
+    worker.join(30)
+
+
+def test_post_without_json_content_type_is_415_and_generates_nothing(engine):
+    """A cross-site page can POST text/plain or a form to a keyless loopback server without a CORS
+    preflight; such a POST must not run a generation."""
+    s = Server(create_app(engine, web=False))  # keyless, on loopback
+    before = sum(engine.finished.values())
+    try:
+        body = json.dumps({"prompt": "hi", "max_tokens": 2})
+        for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            r = httpx.post(s.url + "/v1/completions", content=body, headers={"Content-Type": ctype})
+            assert r.status_code == 415, (ctype, r.text)
+            assert r.json()["error"]["code"] == "unsupported_media_type"
+        assert httpx.post(s.url + "/v1/completions", content=body).status_code == 415  # no type at all
+        assert sum(engine.finished.values()) == before, "a refused POST ran a generation"
+        r = httpx.post(s.url + "/v1/completions", content=body,
+                       headers={"Content-Type": "application/json; charset=utf-8"})
+        assert r.status_code == 200
+    finally:
+        s.stop()
+
+
+def http_series(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("cla2_http_requests_total{")]
+
+
+def test_metric_labels_come_from_the_route_list(server, client):
+    """Refused requests to random paths (keyless scans) must not add a series each."""
+    for i in range(20):
+        httpx.post(server.url + f"/v1/scan-{i}", json={})  # no key: 401
+        client.get(f"/v1/probe-{i}")  # with the key: 404
+        httpx.get(server.url + f"/random-{i}")
+    first = client.get("/metrics").text
+    assert "scan-" not in first and "probe-" not in first and "random-" not in first
+    for i in range(20, 40):
+        httpx.post(server.url + f"/v1/scan-{i}", json={})
+        client.get(f"/v1/probe-{i}")
+    series = http_series(client.get("/metrics").text)
+    assert len(series) == len(http_series(first))
+    assert 'cla2_http_requests_total{path="other",status="401"}' in "\n".join(series)
+
+
+def raw_post(url: str, path: str, body: dict) -> socket.socket:
+    """A POST on a plain socket, so the test decides when the client goes away."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall((f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n").encode() + data)
+    return sock
+
+
+def wait_for(cond, timeout: float = 10) -> bool:
+    deadline = time.time() + timeout
+    while not cond() and time.time() < deadline:
+        time.sleep(0.01)
+    return cond()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_that_goes_away_cancels_its_request(server, engine, stream):
+    """The OpenAI client retries a request that timed out: without this, each retry of a long
+    non-streaming answer adds one more generation that nobody reads."""
+    assert wait_for(lambda: engine.num_running == 0)
+    cancelled = engine.finished["cancelled"]
+    sock = raw_post(server.url, "/v1/completions",
+                    {"prompt": "很久很久以前", "max_tokens": 1000, "temperature": 0.8, "stream": stream})
+    assert wait_for(lambda: engine.num_running == 1, 10)
+    sock.close()
+    assert wait_for(lambda: engine.num_running == 0, 10), "the request of a gone client is still decoding"
+    assert engine.finished["cancelled"] == cancelled + 1
+
+
+def test_full_queue_is_429_with_retry_after(engine):
+    import openai
+
+    from cla2.engine import SamplingParams
+
+    small = Engine(engine.model, engine.tokenizer, engine.device, max_batch_size=1, max_waiting=1, name="tiny")
+    s = Server(create_app(small, web=False))
+    running = small.stream("从前", SamplingParams(max_new_tokens=1000, temperature=0))
+    try:
+        next(running)
+        assert wait_for(lambda: small.num_running == 1)
+        small.submit("你好", SamplingParams(max_new_tokens=2))  # waits: the queue is full now
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "queue_full"
+        with pytest.raises(openai.RateLimitError):
+            openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0).completions.create(
+                model="tiny", prompt="hi", max_tokens=2)
+        assert "cla2_http_requests_total{path=\"/v1/completions\",status=\"429\"}" in httpx.get(s.url + "/metrics").text
+        running.close()
+        assert wait_for(lambda: small.num_running == 0 and small.num_waiting == 0)
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200
+    finally:
+        running.close()
+        s.stop()
+        small.close()
+
+
+def test_unexpected_error_is_an_openai_shaped_500(engine, monkeypatch):
+    s = Server(create_app(engine, web=False))
+    monkeypatch.setattr(engine, "encode", lambda prompt: 1 / 0)
+    try:
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    finally:
+        s.stop()

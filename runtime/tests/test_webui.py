@@ -82,3 +82,46 @@ def test_web_chat_streams_an_answer(tiny_model, browser):
     finally:
         server.stop()
         engine.close()
+
+
+def effective_limits(demo) -> set:
+    """The concurrency limit each of the Blocks' events runs under ("default": the queue's default)."""
+    default = demo._queue.default_concurrency_limit
+    return {default if fn.concurrency_limit == "default" else fn.concurrency_limit for fn in demo.fns.values()}
+
+
+def test_web_chat_answers_users_together_and_sends_no_telemetry():
+    """gradio runs one event at a time by default: one user's long answer would queue every other one."""
+    import os
+
+    from cla2.webui import build
+
+    demo = build(lambda: None, concurrency_limit=5)
+    assert effective_limits(demo) == {5}
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+    assert demo.analytics_enabled is False
+    assert all(b.analytics_enabled is False for b in demo.blocks.values() if hasattr(b, "analytics_enabled"))
+
+
+def test_idle_server_with_web_chat_uses_about_no_cpu(tiny_model):
+    """An idle server (API + web chat) must not poll: CPU time of this process over idle seconds, a
+    resource bound. gradio's queue polled every 1 ms (about 4% of a core here); the lowest of three 1 s
+    windows is taken, so a stray collection or another test's thread cannot fail it."""
+    from test_serve import Server
+
+    engine = Engine.from_pretrained(tiny_model, name="tiny")
+    server = Server(create_app(engine, web=True))
+    try:
+        import httpx
+
+        assert httpx.get(server.url + "/chat/", timeout=30).status_code == 200
+        time.sleep(1)
+        windows = []
+        for _ in range(3):
+            c0, t0 = time.process_time(), time.perf_counter()
+            time.sleep(1)
+            windows.append((time.process_time() - c0) / (time.perf_counter() - t0))
+        assert min(windows) < 0.015, f"idle CPU per second: {windows}"
+    finally:
+        server.stop()
+        engine.close()

@@ -42,6 +42,7 @@ DEFAULT_TOP_K = 40
 DEFAULT_TOP_P = 0.9
 DEFAULT_REPETITION_PENALTY = 1.1
 DEFAULT_MAX_NEW_TOKENS = 512
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 
 
 class InvalidRequest(ValueError):
@@ -51,6 +52,10 @@ class InvalidRequest(ValueError):
         super().__init__(message)
         self.param = param
         self.code = code
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound (``Engine.max_waiting``): the server answers 429 with Retry-After."""
 
 
 class ContextTooLong(InvalidRequest):
@@ -89,6 +94,11 @@ class SamplingParams:
             raise bad("max_new_tokens", f"use 1 to {limit} (the model's context window)")
         if len(self.stop) > 16 or any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "use at most 16 non-empty strings")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not SEED_MIN <= self.seed <= SEED_MAX):
+            # torch.Generator.manual_seed takes a signed or unsigned 64-bit number and raises a bare
+            # RuntimeError ("Overflow when unpacking long") beyond that.
+            raise bad("seed", f"use an integer from {SEED_MIN} to {SEED_MAX}")
         return self
 
 
@@ -148,10 +158,14 @@ class IncrementalDetokenizer:
 
 
 class Request:
-    """One generation in flight. Consumers get ``Event``s through ``sink`` (called on the engine thread)."""
+    """One generation in flight. Consumers get ``Event``s through ``sink`` (called on the engine thread).
+
+    A waiting request holds host memory only (its prompt ids); what it needs on the device (the
+    vocabulary-sized mask of seen tokens for the repetition penalty) is made by ``start``, when the engine
+    admits it to the batch, so a long queue costs no device memory."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Event], None],
-                 tokenizer, vocab_size: int, device: torch.device, eos_ids: set[int], max_new_tokens: int):
+                 tokenizer, eos_ids: set[int], max_new_tokens: int):
         self.id = uuid.uuid4().hex
         self.prompt_ids = prompt_ids
         self.params = params
@@ -173,9 +187,12 @@ class Request:
         else:
             self.generator.seed()
         self.seen: torch.Tensor | None = None
-        if params.repetition_penalty != 1.0:
+
+    def start(self, vocab_size: int, device: torch.device) -> None:
+        """Admitted to the batch: allocate what sampling needs on the device."""
+        if self.params.repetition_penalty != 1.0 and self.seen is None:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            ids = torch.tensor([i for i in prompt_ids if 0 <= i < vocab_size], dtype=torch.long)
+            ids = torch.tensor([i for i in self.prompt_ids if 0 <= i < vocab_size], dtype=torch.long)
             self.seen[ids.to(device)] = True
 
     def cancel(self) -> None:
@@ -238,6 +255,7 @@ class Request:
             time_to_first_token=None if self.first_token_at is None else self.first_token_at - self.submitted,
             elapsed=now - self.submitted, error=error,
         )
+        self.seen = None  # the device memory goes with the request, not with whoever still holds it
         self.sink(Event(result=result))
         return result
 
@@ -479,7 +497,8 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, device: torch.device | None = None, max_batch_size: int = 8,
-                 name: str = "model", truncate: bool = False, decode_graphs: bool | None = None):
+                 name: str = "model", truncate: bool = False, decode_graphs: bool | None = None,
+                 max_waiting: int | None = None):
         from transformers import DynamicCache
 
         self._DynamicCache = DynamicCache
@@ -492,6 +511,10 @@ class Engine:
         split = getattr(model, "hf_device_map", None) or {}
         self.devices = sorted({str(d) for d in split.values()}) or [str(self.device)]
         self.max_batch_size = max(1, int(max_batch_size))
+        # Requests allowed to wait for a batch slot; beyond it submit raises QueueFull (the server's 429).
+        # None: no bound (a batch job submits its whole file at once).
+        self.max_waiting = None if max_waiting is None else max(0, int(max_waiting))
+        self.finished: collections.Counter[str] = collections.Counter()  # results by finish_reason
         self.name = name
         self.truncate = truncate
         self.window = int(getattr(model.config, "max_position_embeddings", 4096))
@@ -525,10 +548,11 @@ class Engine:
     def from_pretrained(cls, model: Path, adapter: Path | None = None, device: str | None = None,
                         dtype: str | None = None, max_batch_size: int = 8, name: str | None = None,
                         truncate: bool = False, decode_graphs: bool | None = None, devices: list[int] | None = None,
-                        layer_groups: list[list[int]] | None = None) -> Engine:
+                        layer_groups: list[list[int]] | None = None, max_waiting: int | None = None) -> Engine:
         net, tokenizer, torch_device = load_model(model, adapter, device, dtype, devices, layer_groups)
         return cls(net, tokenizer, torch_device, max_batch_size=max_batch_size,
-                   name=name or Path(model).resolve().name, truncate=truncate, decode_graphs=decode_graphs)
+                   name=name or Path(model).resolve().name, truncate=truncate, decode_graphs=decode_graphs,
+                   max_waiting=max_waiting)
 
     def _static_wanted(self, wanted: bool | None) -> bool:
         # By default only on one CUDA device: a graph cannot span a replica's devices.
@@ -560,15 +584,33 @@ class Engine:
         Returns the prompt ids and the number of tokens that may be generated."""
         return fit_prompt(prompt_ids, params, self.window, self.truncate, self.tokenizer.bos_token_id)
 
+    @property
+    def queue_full(self) -> bool:
+        return self.max_waiting is not None and len(self._waiting) >= self.max_waiting
+
     def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                sink: Callable[[Event], None] | None = None) -> Request:
+        """Queue a request (thread-safe). Raises InvalidRequest for a bad one, QueueFull when
+        ``max_waiting`` requests already wait. A string prompt is tokenised here, on the caller's thread:
+        the server passes token ids it tokenised off its event loop."""
         params = (params or SamplingParams()).validate(self.window)
+        if self.queue_full:  # before tokenising: a refused request costs nothing
+            raise QueueFull(f"{len(self._waiting)} requests are already waiting (the bound is {self.max_waiting})")
         prompt_ids, max_new = self.check_prompt(self.encode(prompt), params)
-        req = Request(prompt_ids, params, sink or (lambda e: None), self.tokenizer, self.vocab_size,
-                      self.device, self.eos_ids, max_new)
+        user_sink = sink or (lambda e: None)
+
+        def counted(ev: Event) -> None:
+            if ev.result is not None:
+                self.finished[ev.result.finish_reason] += 1
+            user_sink(ev)
+
+        req = Request(prompt_ids, params, counted, self.tokenizer, self.eos_ids, max_new)
         with self._cv:
             if self._closed:
                 raise RuntimeError("the engine is closed")
+            if self.queue_full:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting (the bound is "
+                                f"{self.max_waiting})")
             self._waiting.append(req)
             self._cv.notify()
         return req
@@ -597,10 +639,25 @@ class Engine:
                 ) -> AsyncIterator[str | Result]:
         """``stream`` for asyncio (call it inside the event loop): a disconnecting client closes the
         iterator, which frees the batch slot."""
+        return self.open_async(prompt, params)[1]
+
+    def open_async(self, prompt: str | Sequence[int], params: SamplingParams | None = None
+                   ) -> tuple[Request, AsyncIterator[str | Result]]:
+        """``astream``, plus the Request, so that another task (the server's disconnect watcher) can
+        ``cancel()`` it while this one waits on the iterator."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Event] = asyncio.Queue()
-        req = self.submit(prompt, params, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
-        return self._adrain(req, q)
+        req: Request | None = None
+
+        def sink(ev: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, ev)
+            except RuntimeError:  # the loop is closed: nobody listens any more (and the step goes on)
+                if req is not None:
+                    req.cancel()
+
+        req = self.submit(prompt, params, sink)
+        return req, self._adrain(req, q)
 
     @staticmethod
     async def _adrain(req: Request, q: asyncio.Queue) -> AsyncIterator[str | Result]:
@@ -694,6 +751,7 @@ class Engine:
                 req.finish("cancelled")
                 continue
             try:
+                req.start(self.vocab_size, self.device)
                 ids = torch.tensor([req.prompt_ids], device=self.device)
                 out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1,
                                  **{self._cache_kw: self._DynamicCache()})
