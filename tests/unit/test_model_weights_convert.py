@@ -159,7 +159,9 @@ def test_placed_bin_model_is_converted_once_and_placement_stays_current(tmp_path
     assert index["metadata"]["total_size"] == 248
     assert (dest / "pytorch_model-00001-of-00002.bin").exists()  # the .bin files stay, as placed
 
-    # a re-run: the placement stamp does not take the safetensors files for damage; nothing converts
+    # a re-run: the placement stamp does not take the safetensors files (nor what a killed conversion
+    # leaves) for damage; nothing converts
+    (dest / ".model-00001-of-00002.safetensors.cla2-tmp-999").write_bytes(b"partial")
     before = {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
     assert recap_changed(run_role(tmp_path, items)) == 0
     assert recap_changed(run_role(tmp_path, items, check=True)) == 0

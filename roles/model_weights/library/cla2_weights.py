@@ -58,6 +58,7 @@ import json
 import mmap
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -94,6 +95,7 @@ META_PROGRESS = ".cla2-progress.json"
 # it lists are the conversion's, checked by it, not part of what was placed.
 META_CONVERT = ".cla2-convert.json"
 META = (META_MANIFEST, META_STAMP, META_PROGRESS, META_CONVERT)
+CONVERT_TEMP = re.compile(r"\.[^/]+\.cla2-tmp-\d+$")  # a conversion killed mid-way; removed by the next one
 
 
 class PlaceError(Exception):
@@ -415,7 +417,7 @@ class Placer(object):
         if identity != stamp.get("source"):
             return "source changed"
         converted = (read_json(os.path.join(self.dest, META_CONVERT)) or {}).get("outputs") or {}
-        names = [n for n in walk_files(self.dest) if n not in converted]
+        names = [n for n in walk_files(self.dest) if n not in converted and not CONVERT_TEMP.match(n)]
         if listing_stamp(self.dest, names) != stamp.get("files"):
             return "files changed since placed (sizes or mtimes)"
         if self.m.params["verify"] == "full":

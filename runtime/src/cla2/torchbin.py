@@ -400,14 +400,17 @@ def check_stamp(model: Path, out: Path) -> str | None:
         inputs = {f: _identity(model / f) for f in files + ([BIN_INDEX] if (model / BIN_INDEX).exists() else [])}
     except (TorchBinError, OSError):
         return "the .bin files changed"
-    if {k: v[:2] for k, v in ((k, [s["size"], s["mtime_ns"]]) for k, s in stamp.get("inputs", {}).items())} != inputs:
-        return "the .bin files changed since they were converted"
-    for name, rec in stamp.get("outputs", {}).items():
-        try:
-            if _identity(out / name) != [rec["size"], rec["mtime_ns"]]:
-                return f"{name} changed since it was written"
-        except OSError:
-            return f"{name} is missing"
+    try:
+        if {k: [v["size"], v["mtime_ns"]] for k, v in stamp["inputs"].items()} != inputs:
+            return "the .bin files changed since they were converted"
+        for name, rec in stamp["outputs"].items():
+            try:
+                if _identity(out / name) != [rec["size"], rec["mtime_ns"]]:
+                    return f"{name} changed since it was written"
+            except OSError:
+                return f"{name} is missing"
+    except (KeyError, TypeError, AttributeError):
+        return f"{STAMP} is malformed"
     return None
 
 
@@ -480,6 +483,8 @@ def convert_folder(model: Path, out: Path | None = None, check: bool = False,
     if check:
         return result
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.cla2-tmp-*"):  # what a killed run left (never under a final name)
+        stale.unlink()
     tag = f".cla2-tmp-{os.getpid()}"
     temps: list[tuple[Path, Path]] = []
     # The inputs' sha256 (for the stamp) on a thread of its own, while the tensors are copied: hashlib
