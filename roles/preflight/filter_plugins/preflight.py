@@ -262,6 +262,305 @@ def preflight_device_memory_summary(answer: dict) -> str:
     return text + (f" ({', '.join(fits)})" if fits else "")
 
 
+# ---- the support matrix: which OS and which Python the kit can manage (tasks/support.yml) ------------------
+
+# The oldest target Python ansible-core 2.19 runs modules with: module_utils/basic.py refuses anything older
+# (_PY_MIN = (3, 8); changelog 2.18: "The minimum supported Python version on targets is now Python 3.8").
+# On 3.6 and older the modules do not even compile (`from __future__ import annotations`).
+ANSIBLE_CORE_MIN_PYTHON = (3, 8)
+SUPPORT_DOC = "docs/support.md"
+# os-release ID / ID_LIKE words -> ansible_facts.os_family, the key of the roles' code paths
+_FAMILY_WORDS = {
+    "debian": "Debian",
+    "ubuntu": "Debian",
+    "rhel": "RedHat",
+    "centos": "RedHat",
+    "fedora": "RedHat",
+    "rocky": "RedHat",
+    "almalinux": "RedHat",
+    "kylin": "RedHat",
+}
+# the OS families the roles have code paths for (tasks/install-<os_family>.yml, vars/<os_family>.yml)
+CODE_PATH_FAMILIES = ("Debian", "RedHat")
+
+
+def _version_tuple(text: object) -> tuple[int, ...] | None:
+    parts = []
+    for piece in str(text or "").strip().split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts) or None
+
+
+def preflight_os_release(text: str) -> dict:
+    """/etc/os-release (KEY=value lines, values optionally quoted) -> dict; {} for empty text."""
+    info: dict = {}
+    for line in str(text or "").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+        info[key.strip()] = value
+    return info
+
+
+def preflight_probe(stdout: str) -> dict:
+    """The output of files/cla2_probe.sh (run with ansible.builtin.raw: no Python needed) -> {os_release,
+    os_release_path, release_files, pythons: [{name, path, version}], complete}."""
+    answer: dict = {"os_release": {}, "os_release_path": "", "release_files": {}, "pythons": [], "complete": False}
+    section, buffer, release_file = "", [], ""
+    for raw in str(stdout or "").splitlines():
+        line = raw.rstrip("\r")
+        if line.startswith("@@"):
+            if section == "os-release":
+                answer["os_release"] = preflight_os_release("\n".join(buffer))
+            elif section == "release-file":
+                answer["release_files"][release_file] = "\n".join(buffer).strip()
+            word, _, rest = line[2:].partition(" ")
+            section, buffer = word, []
+            if word == "os-release":
+                answer["os_release_path"] = rest.strip()
+            elif word == "release-file":
+                release_file = rest.strip()
+            elif word == "end":
+                answer["complete"] = True
+            continue
+        if section in ("os-release", "release-file"):
+            buffer.append(line)
+        elif section == "pythons" and line.startswith("python "):
+            fields = line.split(" ", 3)
+            if len(fields) == 4:
+                answer["pythons"].append({"name": fields[1], "path": fields[2], "version": fields[3].strip()})
+    return answer
+
+
+def _family_of(os_release: dict, facts_family: str = "") -> str:
+    for word in [os_release.get("ID", "")] + os_release.get("ID_LIKE", "").split():
+        family = _FAMILY_WORDS.get(word.strip().lower())
+        if family:
+            return family
+    return "" if os_release else str(facts_family or "")
+
+
+def _matches(entry: dict, os_id: str, version: str) -> bool:
+    if os_id not in [str(i).lower() for i in entry.get("os_release_ids") or []]:
+        return False
+    return any(version == str(v) or version.startswith(str(v) + ".") for v in entry.get("versions") or [])
+
+
+def preflight_support_entry(matrix: list, os_id: str, version: str) -> dict | None:
+    """The matrix entry for an os-release ID and VERSION_ID, or None."""
+    os_id, version = str(os_id or "").lower(), str(version or "")
+    for entry in matrix or []:
+        if _matches(entry, os_id, version):
+            return entry
+    return None
+
+
+def _supported_list(matrix: list) -> str:
+    return ", ".join(str(e["name"]) for e in matrix or [] if e.get("status") == "supported")
+
+
+def preflight_os_support(
+    host: dict,
+    matrix: list,
+    min_python: str = "3.8",
+    ignore_os: bool = False,
+    ignore_python: bool = False,
+) -> dict:
+    """Can the kit manage this host? The OS against the support matrix, the target Python against ansible-core.
+
+    host: {os_release: parsed /etc/os-release ({} when there is none), facts: {distribution,
+    distribution_version, os_family} (optional: after fact gathering), python: {version, path} of the
+    interpreter Ansible uses (None: none found), python_source: "probe" or "facts"}.
+
+    Returns {ok, refused, python_usable, manageable, os: {id, version, name, family}, entry, checks, notes,
+    summary}. checks are the os and python gates as tasks/main.yml lists them ({gate, ok, ignored,
+    overridable, message}); refused is true when one of them fails and has no override: a refused
+    OS, an OS whose family has no code path and a Python older than ansible-core's floor cannot be ignored;
+    an OS the matrix does not name (of a family with a code path) can, with preflight_ignore_os, and a
+    Python between the floor and a raised preflight_min_python_version with preflight_ignore_python.
+    python_usable is false when Ansible cannot run a module on the host at all (fact gathering included).
+    """
+    host = host or {}
+    os_release = dict(host.get("os_release") or {})
+    facts = dict(host.get("facts") or {})
+    os_id = str(os_release.get("ID", "")).lower()
+    version = str(os_release.get("VERSION_ID", ""))
+    if not os_release and facts:
+        os_id = str(facts.get("distribution", "")).lower()
+        version = str(facts.get("distribution_version", ""))
+    name = os_release.get("PRETTY_NAME") or " ".join(
+        x for x in (os_release.get("NAME") or facts.get("distribution", ""), version) if x
+    )
+    family = _family_of(os_release, facts.get("os_family", ""))
+    entry = preflight_support_entry(matrix, os_id, version)
+    where = f"{name or 'unknown OS'} (os-release ID {os_id or '?'}, VERSION_ID {version or '?'})"
+    supported = _supported_list(matrix)
+
+    # --- OS
+    os_check = {"gate": "os", "ok": True, "ignored": False, "overridable": False, "message": ""}
+    notes = []
+    if entry is not None and entry.get("status") == "supported":
+        if entry.get("tested") != "sandbox":
+            notes.append(
+                f"{entry['name']} is in the support matrix but tested: {entry.get('tested')}: the kit's "
+                f"{entry.get('package_manager')}/{entry.get('driver_package')} code path has not been run on it "
+                f"({SUPPORT_DOC})"
+            )
+    elif entry is not None:
+        remedy = str(entry.get("remedy", "")).strip().rstrip(".")
+        os_check.update(
+            ok=False,
+            message=(
+                f"{where} is {entry['name']}, which this kit cannot manage: {entry.get('reason', '').strip()}. "
+                f"{remedy[:1].upper() + remedy[1:]}. See {SUPPORT_DOC}; no override (the roles "
+                "would fail half way)"
+            ),
+        )
+    elif not os_id:
+        os_check.update(
+            ok=False,
+            message=(
+                f"cannot tell which OS this is: no /etc/os-release ({host.get('os_release_path') or 'not readable'})"
+                f"{', ' + family + ' family' if family else ''}. The kit supports {supported} ({SUPPORT_DOC}); "
+                "no override"
+            ),
+        )
+    elif family in CODE_PATH_FAMILIES:
+        os_check.update(
+            ok=False,
+            ignored=bool(ignore_os),
+            overridable=True,
+            message=(
+                f"UNSUPPORTED OS: {where} is not in the support matrix (roles/preflight/vars/support_matrix.yml, "
+                f"{SUPPORT_DOC}): the roles have a code path for its {family} family but nobody has checked this "
+                f"release. Supported: {supported}. Use one of those, or set preflight_ignore_os: true to run "
+                "anyway (override preflight_ignore_os)"
+            ),
+        )
+    else:
+        os_check.update(
+            ok=False,
+            message=(
+                f"{where} is not in the support matrix and the roles have no code path for its family "
+                f"({family or 'unknown'}): they install packages with apt (Debian family) or dnf (RedHat family) "
+                f"only. Supported: {supported} ({SUPPORT_DOC}); no override"
+            ),
+        )
+
+    # --- Python
+    python = host.get("python") or None
+    floor = ".".join(map(str, ANSIBLE_CORE_MIN_PYTHON))
+    wanted = _version_tuple(min_python) or ANSIBLE_CORE_MIN_PYTHON
+    py_check = {"gate": "python", "ok": True, "ignored": False, "overridable": False, "message": ""}
+    py_version = _version_tuple(python.get("version")) if python else None
+    python_usable = bool(py_version) and py_version >= ANSIBLE_CORE_MIN_PYTHON
+    if entry is not None and entry.get("status") == "refused":
+        fix = str(entry.get("remedy", "")).strip().rstrip(".")
+    else:
+        fix = (
+            f"install Python {floor} or newer on the host and point ansible_python_interpreter at it (its package "
+            "manager's Python bindings must exist for that Python), or use a supported OS"
+        )
+    if not python:
+        py_check.update(
+            ok=False,
+            message=(
+                f"no Python interpreter found on the target (tried {', '.join(host.get('python_tried') or []) or '?'})"
+                f": ansible-core 2.19 needs Python {floor} or newer there to run any module: {fix}. No override"
+            ),
+        )
+    elif not py_version:
+        py_check.update(
+            ok=False,
+            message=(
+                f"the target's Python {python.get('path')} did not say its version ({python.get('version')}): "
+                f"ansible-core 2.19 needs Python {floor} or newer there: {fix}. No override"
+            ),
+        )
+    elif py_version < ANSIBLE_CORE_MIN_PYTHON:
+        py_check.update(
+            ok=False,
+            message=(
+                f"target Python {python.get('version')} ({python.get('path')}) is older than {floor}, the oldest "
+                f"Python ansible-core 2.19 runs modules with (fact gathering and every module fail on it): {fix}. "
+                "No override"
+            ),
+        )
+    elif py_version < wanted:
+        py_check.update(
+            ok=False,
+            ignored=bool(ignore_python),
+            overridable=True,
+            message=(
+                f"target Python {python.get('version')} ({python.get('path')}) is older than "
+                f"{min_python} (preflight_min_python_version, override preflight_ignore_python)"
+            ),
+        )
+
+    checks = [os_check, py_check]
+    ok = all(c["ok"] or c["ignored"] for c in checks)
+    # refused: no override can make the kit manage it (the other gates are not weighed on such a host)
+    refused = any(not c["ok"] and not c["overridable"] for c in checks)
+    if entry is not None:
+        summary = (
+            f"{entry['name']} ({entry.get('package_manager')}, {entry.get('driver_package')} driver, "
+            f"tested: {entry.get('tested')})"
+        )
+    else:
+        summary = f"{where} (not in the support matrix)"
+    return {
+        "ok": ok,
+        "refused": refused,
+        "python_usable": python_usable,
+        "manageable": ok and python_usable,
+        "os": {"id": os_id, "version": version, "name": name, "family": family},
+        "entry": entry,
+        "python": python,
+        "python_source": host.get("python_source", ""),
+        "checks": checks,
+        "notes": notes,
+        "summary": summary,
+    }
+
+
+def preflight_support_failure(answer: dict, host: str) -> str:
+    """The refusal the probe prints when the host cannot even run a module: every problem at once."""
+    problems = [c["message"] for c in (answer or {}).get("checks", []) if not c["ok"] and not c["ignored"]]
+    text = "; ".join(f"[{i}] {p}" for i, p in enumerate(problems, 1))
+    return f"preflight refused {host} before gathering facts, nothing was changed: {len(problems)} problem(s): {text}"
+
+
+_TABLE_HEAD = (
+    "| OS | os-release ID | versions | package manager | driver package | system python3 | status | tested |",
+    "|---|---|---|---|---|---|---|---|",
+)
+
+
+def preflight_support_table(matrix: list) -> str:
+    """docs/support.md's table, one row per matrix entry (tests/unit/test_preflight_support.py compares)."""
+    rows = list(_TABLE_HEAD)
+    for e in matrix or []:
+        cells = [
+            e["name"],
+            ", ".join(f"`{i}`" for i in e.get("os_release_ids") or []),
+            ", ".join(str(v) for v in e.get("versions") or []),
+            e.get("package_manager", ""),
+            e.get("driver_package", ""),
+            str(e.get("python", "")),
+            "**refused**" if e.get("status") == "refused" else e.get("status", ""),
+            e.get("tested", ""),
+        ]
+        rows.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
 class FilterModule:
     """preflight filters."""
 
@@ -272,4 +571,20 @@ class FilterModule:
             "preflight_cnmon_memory": preflight_cnmon_memory,
             "preflight_device_memory": preflight_device_memory,
             "preflight_device_memory_summary": preflight_device_memory_summary,
+            "preflight_os_release": preflight_os_release,
+            "preflight_probe": preflight_probe,
+            "preflight_os_support": preflight_os_support,
+            "preflight_support_failure": preflight_support_failure,
+            "preflight_support_table": preflight_support_table,
         }
+
+
+if __name__ == "__main__":
+    import sys
+
+    import yaml
+
+    if sys.argv[1:] != ["--support-table"]:
+        sys.exit("usage: preflight.py --support-table  (prints docs/support.md's table from vars/support_matrix.yml)")
+    matrix_file = Path(__file__).resolve().parents[1] / "vars" / "support_matrix.yml"
+    sys.stdout.write(preflight_support_table(yaml.safe_load(matrix_file.read_text())["preflight__support_matrix"]))
