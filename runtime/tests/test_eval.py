@@ -179,14 +179,23 @@ def test_refuses_a_non_empty_out(ceval_zero_shot, tiny_model, ceval_dir):
 def test_prompts_are_the_seeds_character_for_character():
     q = ev.Question("0", "1+1=____", {"A": "1", "B": "2", "C": "3", "D": "4"}, "B")
     assert ev.question_prompt(q, with_prompt=False) == "1+1=____\nA. 1\nB. 2\nC. 3\nD. 4\n答案："
-    assert ev.question_prompt(q, with_prompt=True) == (
-        f"[INST] <<SYS>>\n{DEFAULT_SYSTEM_PROMPT}\n<</SYS>>\n\n1+1=____\nA. 1\nB. 2\nC. 3\nD. 4\n答案： [/INST]")
+    assert ev.prompt_prefix("", with_prompt=False) == ""
+    # --with-prompt (the seed's --with_prompt True, upstream llama_evaluator.py at 84b4c3e): the question ends
+    # "\n答案是什么？ " and is the instruction of the Alpaca-2 template
+    assert ev.prompt_prefix("", with_prompt=True) + ev.question_prompt(q, with_prompt=True) == (
+        f"[INST] <<SYS>>\n{DEFAULT_SYSTEM_PROMPT}\n<</SYS>>\n\n1+1=____\nA. 1\nB. 2\nC. 3\nD. 4\n答案是什么？  [/INST]")
     dev = [ev.Question(str(i), f"q{i}", {c: f"{c}{i}" for c in "ABCD"}, "ABCD"[i % 4]) for i in range(5)]
     prefix = ev.few_shot_prefix("计算机网络", dev, 2)
     assert prefix == ("以下是中国关于计算机网络考试的单项选择题，请选出其中的正确答案。\n\n"
                       "q0\nA. A0\nB. B0\nC. C0\nD. D0\n答案：A\n\n"
                       "q1\nA. A1\nB. B1\nC. C1\nD. D1\n答案：B\n\n")
     assert ev.few_shot_prefix("计算机网络", dev, 0) == ""
+    assert ev.prompt_prefix(prefix, with_prompt=False) + ev.question_prompt(q, with_prompt=False) == (
+        prefix + "1+1=____\nA. 1\nB. 2\nC. 3\nD. 4\n答案：")
+    # few-shot with the template: the rows go inside the instruction, before the question (upstream:
+    # instruction = history + question, then the template around it)
+    assert ev.prompt_prefix(prefix, with_prompt=True) + ev.question_prompt(q, with_prompt=True) == (
+        f"[INST] <<SYS>>\n{DEFAULT_SYSTEM_PROMPT}\n<</SYS>>\n\n{prefix}1+1=____\nA. 1\nB. 2\nC. 3\nD. 4\n答案是什么？  [/INST]")
 
 
 def test_both_letter_forms_are_scored(real_tokenizer_dir):

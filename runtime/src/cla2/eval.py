@@ -1,9 +1,12 @@
 """`cla2 eval ceval|cmmlu`: multiple-choice accuracy, zero- or few-shot, in the seed's report layout.
 
-The prompt is the seed evaluator's, character for character: the question, ``\\nA. …\\nB. …\\nC. …\\nD. …``,
-then ``\\n答案：`` (wrapped in the Alpaca-2 template with --with-prompt). Few-shot puts
-``以下是中国关于{科目}考试的单项选择题，请选出其中的正确答案。\\n\\n`` (the subject's Chinese name) and the
-first k dev rows, each ending ``\\n答案：X\\n\\n``, before the question.
+The prompt is the seed evaluator's, character for character (upstream scripts/ceval/llama_evaluator.py at
+84b4c3e, the commit the seed builds on): the question, ``\\nA. …\\nB. …\\nC. …\\nD. …``, then ``\\n答案：``.
+Few-shot puts ``以下是中国关于{科目}考试的单项选择题，请选出其中的正确答案。\\n\\n`` (the subject's Chinese
+name) and the first k dev rows, each ending ``\\n答案：X\\n\\n``, before the question. With --with-prompt (the
+seed's --with_prompt True, for Alpaca models) the question ends ``\\n答案是什么？ `` instead, and the few-shot
+rows and the question together are the instruction of the Alpaca-2 template
+(``[INST] <<SYS>>\\n…\\n<</SYS>>\\n\\n{rows}{question} [/INST]``).
 
 The answer is read from the next-token logits at the end of the prompt: for each letter, the logit of the
 letter as it follows ``答案：`` plus the logit of the letter on its own (two different tokens in the
@@ -97,15 +100,23 @@ def read_csv(path: Path, bench: Benchmark, need_answer: bool) -> list[Question]:
     return rows
 
 
+def format_question(q: Question) -> str:
+    """The question and its four options, each on a line of its own."""
+    return q.question + "".join(f"\n{c}. {q.options[c]}" for c in CHOICES)
+
+
 def format_example(q: Question, include_answer: bool) -> str:
     """The seed's format: question, the four options, then 答案： (and the answer for exemplars)."""
-    text = q.question
-    for c in CHOICES:
-        text += f"\n{c}. {q.options[c]}"
-    text += "\n答案："
+    text = format_question(q) + "\n答案："
     if include_answer:
         text += f"{q.answer}\n\n"
     return text
+
+
+# The question's end under the seed's --with_prompt True (llama_evaluator.format_example, with_prompt=True),
+# and the Alpaca-2 template around the few-shot rows and the question: its head and its tail.
+WITH_PROMPT_ANSWER = "\n答案是什么？ "
+TEMPLATE_HEAD, TEMPLATE_TAIL = build_prompt("\0").split("\0")
 
 
 def few_shot_prefix(subject_zh: str, dev: list[Question], shots: int) -> str:
@@ -114,9 +125,17 @@ def few_shot_prefix(subject_zh: str, dev: list[Question], shots: int) -> str:
     return FEW_SHOT_HEADER.format(subject_zh) + "".join(format_example(q, True) for q in dev[:shots])
 
 
+def prompt_prefix(few_shot: str, with_prompt: bool) -> str:
+    """What every question of a subject starts with: the few-shot rows, inside the template's head with
+    --with-prompt (the seed puts them in the instruction, before the question)."""
+    return TEMPLATE_HEAD + few_shot if with_prompt else few_shot
+
+
 def question_prompt(q: Question, with_prompt: bool) -> str:
-    text = format_example(q, False)
-    return build_prompt(text) if with_prompt else text
+    """A question as it follows prompt_prefix(): prefix + this is the seed's whole prompt."""
+    if with_prompt:
+        return format_question(q) + WITH_PROMPT_ANSWER + TEMPLATE_TAIL
+    return format_example(q, False)
 
 
 def letter_token_ids(tokenizer) -> list[list[int]]:
@@ -418,7 +437,7 @@ def main(
         st.update("evaluating", step=0, total=total, unit="question", force=True)
         with tqdm(total=total, desc=f"{benchmark} {shots}-shot", unit="q", file=sys.stderr) as bar:
             for s, (rows, dev, test) in sets.items():
-                prefix = few_shot_prefix(known[s][1], dev, shots)
+                prefix = prompt_prefix(few_shot_prefix(known[s][1], dev, shots), with_prompt)
                 got = scorer.predict(prefix, [question_prompt(q, with_prompt) for q in rows])
                 predictions[s] = {q.id: letter for q, (letter, _) in zip(rows, got, strict=True)}
                 per_subject[s] = (sum(q.answer == letter for q, (letter, _) in zip(rows, got, strict=True)), len(rows))
