@@ -269,3 +269,22 @@ def test_the_eval_defaults_are_overridable(tmp_path):
 def test_an_unknown_eval_template_is_refused(tmp_path):
     with pytest.raises(AssertionError, match="cla2_eval_template: one of auto, true, false; got maybe"):
         eval_argv(tmp_path, str(tmp_path), template="maybe")
+
+
+@pytest.mark.parametrize("pt_base, delta", [("stock", "+5.0"), ("sft", "-5.0")])
+def test_the_comparison_compares_pt_with_the_model_it_trained(pt_base, delta):
+    import jinja2
+
+    def summary(score):
+        return {"law": {"score": score, "num": 10, "correct": score / 10},
+                "grouped": {}, "All": {"score": score / 100, "num": 10, "correct": score / 10}}
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(ROLE / "templates")), trim_blocks=True)
+    text = env.get_template("comparison.md.j2").render(
+        _cla2_run_name="r", inventory_hostname="h", _cla2_model_path="/data/models/chinese-alpaca-2-13b",
+        cla2_pt_base=pt_base, cla2_eval_benchmark="ceval", _cla2_args={"eval": ["--shots", "0", "--with-prompt"]},
+        _cla2_stage_summaries={"base": summary(40.0), "sft": summary(50.0), "pt": summary(45.0)})
+    # pt (45) against the stock model (40) by default, as the seed trains it; against sft (50) with cla2_pt_base=sft
+    assert f"| law | 10 | 40.0 | 50.0 | +10.0 | 45.0 | {delta} |" in text
+    assert f"**45.0** | {delta} |" in text
+    assert "`cla2 eval ceval --shots 0 --with-prompt`" in " ".join(text.split())
