@@ -33,8 +33,12 @@ def main(model: Path, out: Path | None = None, dry_run: bool = False) -> dict:
     from tqdm.auto import tqdm
 
     model = Path(model)
-    with tqdm(unit="B", unit_scale=True, desc="converting", disable=dry_run) as bar:
-        result = torchbin.convert_folder(model, out, check=dry_run, progress=bar.update)
+    planned = torchbin.convert_folder(model, out, check=True)  # reads the pickles only: the bar's total
+    if dry_run or not planned["changed"]:
+        result = planned
+    else:
+        with tqdm(total=planned["bytes"], unit="B", unit_scale=True, desc="converting") as bar:
+            result = torchbin.convert_folder(model, out, progress=bar.update)
     where = result["out"]
     if not result["changed"]:
         print(f"{where}: {result['reason']}; nothing converted")
