@@ -406,6 +406,7 @@ def test_metric_labels_come_from_the_route_list(server, client):
         httpx.post(server.url + f"/v1/scan-{i}", json={})  # no key: 401
         client.get(f"/v1/probe-{i}")  # with the key: 404
         httpx.get(server.url + f"/random-{i}")
+    client.get("/metrics")  # the scrape itself is counted after it answers: its series exists from now on
     first = client.get("/metrics").text
     assert "scan-" not in first and "probe-" not in first and "random-" not in first
     for i in range(20, 40):
@@ -433,18 +434,28 @@ def wait_for(cond, timeout: float = 10) -> bool:
     return cond()
 
 
+def cancelled_count(server) -> float:
+    """cla2_requests_total{endpoint="completions",outcome="cancelled"} (0 before the first)."""
+    key = 'cla2_requests_total{endpoint="completions",outcome="cancelled"} '
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(key):
+            return float(line.split()[-1])
+    return 0.0
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_client_that_goes_away_cancels_its_request(server, engine, stream):
     """The OpenAI client retries a request that timed out: without this, each retry of a long
     non-streaming answer adds one more generation that nobody reads."""
     assert wait_for(lambda: engine.num_running == 0)
-    cancelled = engine.finished["cancelled"]
+    cancelled, counted = engine.finished["cancelled"], cancelled_count(server)
     sock = raw_post(server.url, "/v1/completions",
                     {"prompt": "很久很久以前", "max_tokens": 1000, "temperature": 0.8, "stream": stream})
     assert wait_for(lambda: engine.num_running == 1, 10)
     sock.close()
     assert wait_for(lambda: engine.num_running == 0, 10), "the request of a gone client is still decoding"
     assert engine.finished["cancelled"] == cancelled + 1
+    assert wait_for(lambda: cancelled_count(server) == counted + 1, 5)
 
 
 def test_full_queue_is_429_with_retry_after(engine):

@@ -21,6 +21,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -409,7 +410,7 @@ def create_app(engine: Engine | None = None, model_name: str | None = None, api_
         except QueueFull as exc:
             raise _overloaded(str(exc)) from None
 
-    async def cancel_on_disconnect(request: Request, req) -> None:
+    async def cancel_on_disconnect(request: Request, req, gone: Callable[[], None]) -> None:
         """Cancel ``req`` when the client goes away (the body is read by now, so the next ASGI message is
         http.disconnect). vLLM does the same for every request (its `with_cancellation` handler wrapper
         races the handler with `listen_for_disconnect`), streaming or not: the OpenAI client retries a
@@ -418,6 +419,7 @@ def create_app(engine: Engine | None = None, model_name: str | None = None, api_
             message = await request.receive()
             if message["type"] == "http.disconnect":
                 req.cancel()
+                gone()
                 return
 
     def usage(r: Result) -> dict:
@@ -433,11 +435,21 @@ def create_app(engine: Engine | None = None, model_name: str | None = None, api_
         obj = "chat.completion" if chat else "text_completion"
         model = state.model_name
 
+        counted = [False]
+
         def finished(result: Result) -> None:
-            metrics.done(endpoint, result)
+            if not counted[0]:
+                counted[0] = True
+                metrics.done(endpoint, result)
+
+        def gone() -> None:
+            # Counted here, once: a stream whose send failed is closed only when it is collected.
+            if not counted[0]:
+                counted[0] = True
+                metrics.requests.labels(endpoint, "cancelled").inc()
 
         if not body.stream:
-            watcher = asyncio.ensure_future(cancel_on_disconnect(request, req))
+            watcher = asyncio.ensure_future(cancel_on_disconnect(request, req, gone))
             result: Result | None = None
             first = True
             try:
@@ -475,7 +487,7 @@ def create_app(engine: Engine | None = None, model_name: str | None = None, api_
 
         async def sse():
             first = True
-            watcher = asyncio.ensure_future(cancel_on_disconnect(request, req))
+            watcher = asyncio.ensure_future(cancel_on_disconnect(request, req, gone))
             try:
                 if chat:
                     yield chunk({"role": "assistant", "content": ""})
@@ -501,6 +513,7 @@ def create_app(engine: Engine | None = None, model_name: str | None = None, api_
             finally:
                 watcher.cancel()
                 req.cancel()  # a no-op when it finished
+                gone()  # a no-op when it finished
 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
