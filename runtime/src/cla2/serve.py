@@ -396,7 +396,9 @@ def create_app(engine: Engine | None = None, model_name: str | None = None, api_
             body, prompt = make_prompt(raw)
             try:
                 params = body.params().validate(state.engine.window)
-                return body, state.engine.encode(prompt), params
+                # the window check (and --truncate's cut) here too, not on the loop for a 2 MB prompt's ids
+                ids, _ = state.engine.check_prompt(state.engine.encode(prompt), params)
+                return body, ids, params
             except InvalidRequest as exc:
                 raise APIError(400, str(exc), param=exc.param, code=exc.code) from None
 

@@ -14,6 +14,7 @@ from cla2.engine import (
     DEFAULT_TEMPERATURE,
     Engine,
     InvalidRequest,
+    QueueFull,
     Result,
     SamplingParams,
 )
@@ -71,6 +72,8 @@ def build(get_engine: Callable[[], Engine | None], concurrency_limit: int = 8):
             pieces = engine.stream(prompt, params)
         except InvalidRequest as exc:
             raise gr.Error(str(exc)) from None
+        except QueueFull:
+            raise gr.Error("the server is busy: try again in a moment") from None
         text = ""
         for piece in pieces:  # closing this generator (the user pressed stop) cancels the request
             if isinstance(piece, Result):
