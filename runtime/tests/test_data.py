@@ -132,3 +132,17 @@ def test_length_grouped_sampler_cuts_padding_and_keeps_batches_aligned():
     assert list(LengthGroupedSampler(lengths, bs, seed=3)) == order  # the same on every rank and on resume
     sampler.set_epoch(1)
     assert list(sampler) != order
+
+
+@pytest.mark.parametrize("kind", ["json", "jsonl"])
+def test_utf8_byte_order_mark_is_accepted(tmp_path, kind):
+    recs = [{"instruction": "问", "input": "", "output": "答"}, {"instruction": "q2", "output": "a2"}]
+    if kind == "json":
+        text = json.dumps(recs, ensure_ascii=False)
+    else:
+        text = "\n".join(json.dumps(r, ensure_ascii=False) for r in recs) + "\n"
+    f = tmp_path / f"d.{kind}"
+    f.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    records, _ = load_instructions(f)
+    assert [r["instruction"] for r in records] == ["问", "q2"]
+    assert records[0]["output"] == "答"

@@ -84,7 +84,8 @@ def _check_record(rec: object, where: str) -> dict:
 
 def _read_file(f: Path) -> list[dict]:
     try:
-        text = f.read_text(encoding="utf-8")
+        # utf-8-sig: a byte order mark at the start (Windows editors write one) is not part of the JSON
+        text = f.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{f}: not UTF-8 text ({exc}): save the file as UTF-8") from None
     stripped = text.lstrip()
