@@ -447,3 +447,20 @@ def test_cudagraph_trees_usable_from_the_engine_thread(monkeypatch):
         t.start()
         t.join()
     assert got == [AssertionError, dict]
+
+
+def test_a_burst_on_an_idle_engine_is_not_refused(engine):
+    """The bound counts requests beyond the batch's free slots: an idle engine with room for 4 and no
+    waiting allowed still takes 4 at once, and refuses the fifth."""
+    from cla2.engine import QueueFull
+
+    e = Engine(engine.model, engine.tokenizer, engine.device, max_batch_size=4, max_waiting=0)
+    try:
+        with e._cv:  # hold the loop, so all four are still waiting when the fifth comes
+            reqs = [e.submit("你好", SamplingParams(max_new_tokens=3)) for _ in range(4)]
+            with pytest.raises(QueueFull):
+                e.submit("你好", SamplingParams(max_new_tokens=3))
+        assert wait_until(lambda: e.finished.total() == 4)
+        assert all(r.finish_reason in ("stop", "length") for r in reqs)
+    finally:
+        e.close()

@@ -511,8 +511,8 @@ class Engine:
         split = getattr(model, "hf_device_map", None) or {}
         self.devices = sorted({str(d) for d in split.values()}) or [str(self.device)]
         self.max_batch_size = max(1, int(max_batch_size))
-        # Requests allowed to wait for a batch slot; beyond it submit raises QueueFull (the server's 429).
-        # None: no bound (a batch job submits its whole file at once).
+        # Requests allowed to wait for a batch slot (once the batch is full); beyond it submit raises
+        # QueueFull (the server's 429). None: no bound (a batch job submits its whole file at once).
         self.max_waiting = None if max_waiting is None else max(0, int(max_waiting))
         self.finished: collections.Counter[str] = collections.Counter()  # results by finish_reason
         self.name = name
@@ -586,7 +586,12 @@ class Engine:
 
     @property
     def queue_full(self) -> bool:
-        return self.max_waiting is not None and len(self._waiting) >= self.max_waiting
+        """``max_waiting`` requests wait beyond the batch's free slots (a request that has a free slot
+        waits only until the loop's next turn, so a burst on an idle engine is not refused)."""
+        if self.max_waiting is None:
+            return False
+        free = max(0, self.max_batch_size - len(self._active))
+        return len(self._waiting) >= self.max_waiting + free
 
     def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                sink: Callable[[Event], None] | None = None) -> Request:

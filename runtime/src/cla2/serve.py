@@ -49,8 +49,8 @@ DEFAULT_PORT = 19327
 # has the same guard (`--payload-limit`, 2 MB by default); 2 MB holds a 4096-token prompt many times over.
 DEFAULT_MAX_BODY_BYTES = 2_000_000
 # Requests that may wait for a batch slot; the next one gets 429 + Retry-After (TGI's router refuses
-# requests over `--max-concurrent-requests` with 429 "Model is overloaded" the same way; the OpenAI
-# client retries a 429 after the Retry-After it is given).
+# requests over `--max-concurrent-requests`, 128 by default, "instead of having them wait for too long",
+# with 429 "Model is overloaded"; the OpenAI client retries a 429 after the Retry-After it is given).
 DEFAULT_MAX_WAITING = 64
 RETRY_AFTER_S = 1
 # JSON nesting deeper than this is refused (an OpenAI request nests about 5 levels); json.loads itself
@@ -229,9 +229,10 @@ def create_app(engine: Engine | None = None, model_name: str | None = None, api_
 
     state = ServerState(engine, model_name)
     # JSON parsing, validation, the chat template and tokenisation run here, off the event loop (vLLM's
-    # OpenAI server tokenises in a ThreadPoolExecutor for the same reason): a 2 MB prompt takes seconds to
-    # tokenise, and /health must answer meanwhile. Two workers: a flood of large bodies cannot take every
-    # core from the decode thread.
+    # OpenAI server tokenises in a ThreadPoolExecutor, `_tokenizer_executor`, for the same reason): a 2 MB
+    # prompt takes seconds to tokenise, and /health must answer meanwhile. Two workers, as TGI's router has
+    # two tokenizer workers for validation by default (`--validation-workers 2`): a flood of large bodies
+    # cannot take every core from the decode thread.
     pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cla2-prepare")
 
     @asynccontextmanager
@@ -617,7 +618,8 @@ def main(
         web: Mount the web chat at /chat (never shared publicly). It answers as many users at once as the
             batch holds (--max-batch-size, 8 without it); the others wait in its queue.
         max_body_bytes: Largest request body accepted; a larger one gets 413.
-        max_waiting: Requests that may wait for a batch slot; the next one gets 429 with Retry-After.
+        max_waiting: Requests that may wait for a batch slot once the batch is full; the next one gets 429
+            with Retry-After (0: refuse as soon as the batch is full).
         log_level: uvicorn's log level.
     """
     import uvicorn
