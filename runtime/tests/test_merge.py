@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from cla2 import merge, tiny
-from cla2.io import OutputExistsError
+from cla2.io import OutputBusyError, OutputExistsError
 from cla2.merge import MergeError
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -205,3 +205,94 @@ def test_bad_base_and_output(tmp_path, adapter, tiny_model):
     assert [p.name for p in busy.iterdir()] == ["keep"]
     merge.main(adapter, busy, overwrite=True)
     assert (busy / "config.json").exists() and not (busy / "keep").exists()
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_a_killed_merge_leaves_nothing_that_the_next_merge_does_not_clean(tmp_path, adapter, tiny_model):
+    out = tmp_path / "merged"
+    # what a SIGKILLed merge leaves: its partial folder (known name, and the older pid-named kind) and its
+    # lock file naming a pid that is now dead (the kernel dropped its flock)
+    pid = _dead_pid()
+    partial = tmp_path / ".merged.partial"
+    partial.mkdir()
+    (partial / "model-00001-of-00002.safetensors").write_bytes(b"half")
+    legacy = tmp_path / f".merged.partial-{pid}"
+    legacy.mkdir()
+    (legacy / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".merged.lock").write_text(f"{pid}\n")
+    merge.main(adapter, out, model=tiny_model)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")) == []
+    assert (out / "config.json").exists()
+
+
+def test_a_live_merge_of_the_same_output_is_never_cleaned(tmp_path, adapter, tiny_model):
+    import fcntl
+
+    out = tmp_path / "merged"
+    partial = tmp_path / ".merged.partial"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"being written")
+    live = tmp_path / f".merged.partial-{os.getpid()}"  # an older writer's partial, its process alive
+    live.mkdir()
+    fd = os.open(tmp_path / ".merged.lock", os.O_RDWR | os.O_CREAT)
+    os.write(fd, b"4242\n")
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another writer of the same output, alive
+    try:
+        with pytest.raises(OutputBusyError, match="pid 4242"):
+            merge.main(adapter, out, model=tiny_model)
+        assert (partial / "model.safetensors").read_bytes() == b"being written"
+        assert not out.exists()
+    finally:
+        os.close(fd)
+    (tmp_path / ".merged.lock").unlink()
+    merge.main(adapter, out, model=tiny_model)
+    assert live.is_dir() and not partial.exists()
+
+
+def test_a_swap_cut_between_its_renames_is_rolled_back(tmp_path, adapter, tiny_model):
+    out = tmp_path / "merged"
+    merge.main(adapter, out, model=tiny_model)
+    first = (out / "merge.json").read_text()
+    # killed after moving the previous output aside and before renaming the new one in
+    (out).rename(tmp_path / ".merged.old")
+    (tmp_path / ".merged.partial").mkdir()
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        merge.main(adapter, out, model=tiny_model)  # the previous output is back, and still refused
+    assert (out / "merge.json").read_text() == first
+    assert not (tmp_path / ".merged.old").exists() and not (tmp_path / ".merged.partial").exists()
+
+
+def test_outputs_are_fsynced_before_the_rename(tmp_path, adapter, tiny_model, monkeypatch):
+    from cla2 import io
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+    renamed: list[str] = []
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    real_rename = Path.rename
+
+    def rename(self, target):
+        renamed.append((str(self), len(synced)))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(io.os, "fsync", fsync)
+    monkeypatch.setattr(Path, "rename", rename)
+    out = tmp_path / "merged"
+    merge.main(adapter, out, model=tiny_model)
+    partial = str(tmp_path / ".merged.partial")
+    (when,) = [n for src, n in renamed if src == partial]
+    before = synced[:when]
+    for f in ("config.json", "merge.json", "run.json", "model.safetensors"):
+        if (out / f).exists():
+            assert f"{partial}/{f}" in before, f"{f} not fsynced before the rename"
+    assert partial in before  # the folder's own entries
+    assert str(tmp_path) in synced[when:]  # the parent, after the rename

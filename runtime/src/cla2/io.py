@@ -7,6 +7,7 @@ so a supervisor (or a person, months later) reads any job's record the same way,
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import platform
@@ -35,32 +36,163 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         )
 
 
+class OutputBusyError(RuntimeError):
+    """Another live process is writing the same output."""
+
+
+# Known names beside an output folder OUT (never with a pid in them, so the next run of OUT finds them):
+#   .OUT.lock     flock(2)-locked by the process that writes OUT; it holds its pid. Removed when done.
+#   .OUT.partial  the new output being written; a killed writer leaves it, the next writer removes it.
+#   .OUT.old      the previous OUT, moved aside for the swap and removed after it.
+#   .OUT.carry    (training) the previous OUT whose checkpoints and logs move into the new OUT after the swap.
+def partial_dir(out: Path) -> Path:
+    return Path(out).parent / f".{Path(out).name}.partial"
+
+
+def _aside(out: Path, kind: str) -> Path:
+    return Path(out).parent / f".{Path(out).name}.{kind}"
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a folder's entries (its directory itself, not its files)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under ``folder`` and every folder (itself included), so a rename after it publishes
+    data that is on disk, not only in the page cache."""
+    folder = Path(folder)
+    for root, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            p = Path(root) / name
+            if not p.is_symlink():
+                fsync_path(p)
+        fsync_path(Path(root))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_output(out: Path) -> None:
+    """Undo what a writer of ``out`` killed mid-way (SIGKILL, power loss) left beside it; the caller holds
+    ``output_lock(out)``, so no live process owns these names. A swap cut between its two renames is rolled
+    back (the previous ``out`` comes back); a partial output is removed."""
+    out = Path(out)
+    old, carry, partial = _aside(out, "old"), _aside(out, "carry"), partial_dir(out)
+    for aside in (old, carry):
+        if aside.is_dir() and not out.exists():
+            aside.rename(out)
+    if carry.is_dir():  # the swap happened; move back what the new output does not hold (checkpoints, logs)
+        for entry in sorted(carry.iterdir()):
+            if not (out / entry.name).exists() and not is_final_output(entry.name):
+                entry.rename(out / entry.name)
+        shutil.rmtree(carry)
+    for p in (old, partial):
+        if p.exists():
+            shutil.rmtree(p)
+    # partials with a pid in their name, from before these names were fixed: removed once their writer is dead
+    for p in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+FINAL_OUTPUT_PREFIXES = ("adapter_", "tokenizer", "special_tokens_map", "added_tokens", "README", "run.json",
+                         "loss.png")
+
+
+def is_final_output(name: str) -> bool:
+    """Whether ``name`` is one of the files a training run writes at its end (the set replaced as a whole)."""
+    return name.startswith(FINAL_OUTPUT_PREFIXES)
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold the flock(2) lock of ``out`` (``.OUT.lock`` beside it), having recovered what a killed writer left.
+
+    A live writer of the same output makes this fail at once (OutputBusyError, with its pid); a dead one
+    holds nothing (the kernel drops a killed process's locks).
+    """
+    import fcntl
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = _aside(out, "lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise OutputBusyError(f"output {out} is being written by another process (pid {holder}, lock {lock}): "
+                                  "wait for it to finish, or stop it, or choose another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file between our open and our lock: take the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        recover_output(out)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+        os.close(fd)
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Make the complete folder ``new`` the folder ``out``: fsync it, move the old ``out`` aside, rename, fsync
+    the parent, remove the old one. A reader sees the old folder or the new one, never a mix."""
+    new, out = Path(new), Path(out)
+    fsync_tree(new)
+    old = _aside(out, "old")
+    if out.exists():
+        out.rename(old)
+    new.rename(out)
+    fsync_path(out.parent)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``out`` in one rename.
 
     On failure the temporary folder is removed and ``out`` is left exactly as it was. With ``overwrite``
-    an existing ``out`` is replaced only once the new one is complete.
+    an existing ``out`` is replaced only once the new one is complete. The temporary folder has a known
+    name (``.OUT.partial``): a writer killed by SIGKILL leaves it, and the next writer of ``out`` removes it,
+    under ``output_lock`` (never while its writer lives).
     """
     out = Path(out)
     check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    with output_lock(out):
+        check_output_dir(out, overwrite)  # recovery may have brought a previous output back
+        tmp = partial_dir(out)
+        tmp.mkdir()
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        replace_dir(tmp, out)
 
 
 def shard_names(shards: int, ext: str = "safetensors") -> list[str]:
@@ -210,5 +342,8 @@ def write_json(path: Path, data: dict) -> None:
     """``data`` as JSON in ``path``, through a temporary sibling and one rename (never half-written)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
