@@ -242,3 +242,57 @@ def test_torchrun_two_processes_zero3(tmp_path, trained, tiny_model_small_tok, s
     got = load_file(out / "adapter_model.safetensors")
     assert {k: tuple(v.shape) for k, v in got.items()} == {k: tuple(v.shape) for k, v in plain.items()}
     assert all(t.numel() > 0 for t in got.values())
+
+
+def _siblings(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def test_final_files_are_replaced_as_one_set(tmp_path, tiny_model_small_tok, sft_data, monkeypatch):
+    from cla2 import training
+
+    out = tmp_path / "sft"
+    finetune.main(tiny_model_small_tok, sft_data, out, max_steps=2, lr=1e-2, **FAST)
+    before = {f: (out / f).read_bytes() for f in ("adapter_model.safetensors", "adapter_config.json")}
+
+    def disk_full(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    # the save fails after the new adapter is written: the previous adapter stays, whole
+    monkeypatch.setattr(training, "plot_loss", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        finetune.main(tiny_model_small_tok, sft_data, out, max_steps=3, lr=5e-2, overwrite=True, **FAST)
+    assert {f: (out / f).read_bytes() for f in before} == before
+    assert json.loads((out / "run.json").read_text())["outcome"] == "failed"
+    assert _siblings(out) == []
+    monkeypatch.undo()
+    r = finetune.main(tiny_model_small_tok, sft_data, out, max_steps=3, lr=5e-2, overwrite=True, **FAST)
+    assert r["outcome"] == "succeeded"
+    assert (out / "adapter_model.safetensors").read_bytes() != before["adapter_model.safetensors"]
+    # what else --out held (checkpoints) is kept through the swap
+    assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-3").is_dir()
+    assert _siblings(out) == []
+
+
+def test_a_run_killed_while_saving_is_finished_by_the_next_run(tmp_path, tiny_model_small_tok, sft_data):
+    out = tmp_path / "sft"
+    finetune.main(tiny_model_small_tok, sft_data, out, max_steps=2, lr=1e-2, **FAST)
+    # SIGKILL in the middle of the swap: --out moved aside as .sft.carry, the new final files renamed in,
+    # the checkpoint not yet moved back; and a second run's partial, its lock naming a dead pid
+    carry = tmp_path / ".sft.carry"
+    out.rename(carry)
+    out.mkdir()
+    for f in carry.iterdir():
+        if f.is_file():
+            shutil.copy(f, out / f.name)
+    partial = tmp_path / ".sft.partial"
+    partial.mkdir()
+    (partial / "adapter_model.safetensors").write_bytes(b"half")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".sft.lock").write_text(f"{dead.pid}\n")
+    assert not (out / "checkpoint-2").exists()
+    r = finetune.main(tiny_model_small_tok, sft_data, out, max_steps=2, lr=1e-2, resume=True, **FAST)
+    assert r["resumed_from"] is not None and r["resumed_from"].endswith("checkpoint-2")
+    assert r["metrics"]["global_step"] == 2
+    assert _siblings(out) == []

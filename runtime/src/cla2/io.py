@@ -109,7 +109,7 @@ def recover_output(out: Path) -> None:
 
 
 FINAL_OUTPUT_PREFIXES = ("adapter_", "tokenizer", "special_tokens_map", "added_tokens", "README", "run.json",
-                         "loss.png")
+                         "loss.png", ".adapter.partial")
 
 
 def is_final_output(name: str) -> bool:
@@ -170,6 +170,26 @@ def replace_dir(new: Path, out: Path) -> None:
     fsync_path(out.parent)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
+
+
+def replace_final_files(new: Path, out: Path) -> None:
+    """Make the complete folder ``new`` (a training run's final files) the folder ``out``, keeping what else
+    ``out`` holds (checkpoints, logs): fsync ``new``, move ``out`` aside as ``.OUT.carry``, rename ``new`` in,
+    move the other entries back, remove the rest. The final files change as one set: a kill leaves the old
+    set or the new one, and ``recover_output`` (the next writer of ``out``) finishes or rolls back the move."""
+    new, out = Path(new), Path(out)
+    fsync_tree(new)
+    carry = _aside(out, "carry")
+    if out.exists():
+        out.rename(carry)
+    new.rename(out)
+    fsync_path(out.parent)
+    if carry.exists():
+        for entry in sorted(carry.iterdir()):
+            if not (out / entry.name).exists() and not is_final_output(entry.name):
+                entry.rename(out / entry.name)
+        fsync_path(out)
+        shutil.rmtree(carry)
 
 
 @contextlib.contextmanager

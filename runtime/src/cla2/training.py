@@ -23,6 +23,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +39,9 @@ from cla2.io import (
     iso_time,
     jsonable,
     load_pretrained,
+    output_lock,
+    partial_dir,
+    replace_final_files,
     run_record,
     write_json,
 )
@@ -303,6 +307,9 @@ def run(
     on_cpu = dev.torch_device().type == "cpu"
     base_dtype = torch.float32 if on_cpu else torch_dtype
     settings = {k: jsonable(v) for k, v in args.items() if not k.startswith("_")}
+    if rank == 0 and out.parent.is_dir():
+        with output_lock(out):  # what a killed run of --out left beside it: cleaned (or its swap finished)
+            pass
     resume_from = check_out(out, job, resume, overwrite, settings, world_size)
     ds_config = resolve_deepspeed(deepspeed)
     check_loadable(model)  # a folder without weights, or weights transformers won't read, fail here
@@ -482,36 +489,40 @@ def _train(job, record, run_started, out, model, tok_dir, rank, world_size, on_c
     partitioned = sum(1 for p in trainer.model.parameters() if p.requires_grad and p.numel() == 0)
     state = adapter_state(trainer.model, zero3)  # collective under ZeRO-3
     if trainer.is_world_process_zero():
-        tmp = out / ".adapter.partial"
-        tmp.mkdir(exist_ok=True)
-        unwrap = trainer.model
-        unwrap.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         empty = [n for n, t in state.items() if t.numel() == 0]
         if empty:
             raise RuntimeError(f"adapter tensors came out empty ({len(empty)}, e.g. {empty[0]}): "
                                "this is a bug, please report it with run.json")
-        for f in tmp.iterdir():
-            f.replace(out / f.name)
-        tmp.rmdir()
-        copy_tokenizer(tok_dir, out)
-        _record_base(out, model)
-        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-        ended = time.time()
-        record.update(
-            status="complete", outcome="succeeded", ended=iso_time(ended),
-            seconds=round(ended - run_started, 2),
-            finished=iso_time(ended),
-            metrics={
-                "train_loss": result.training_loss, "first_loss": losses[0] if losses else None,
-                "final_loss": losses[-1] if losses else None, "global_step": trainer.state.global_step,
-                "epoch": trainer.state.epoch, "train_runtime_s": round(time.time() - started, 2),
-                "trainable_parameters": sum(t.numel() for t in state.values()),
-                "partitioned_tensors_gathered": partitioned,
-            },
-            log_history=trainer.state.log_history,
-        )
-        plot_loss(trainer.state.log_history, out / "loss.png", f"cla2 {job}: {model.name}")
-        write_json(out / RUN_FILE, record)
+        # The final files (adapter, tokenizer, run.json, loss.png) are written into .OUT.partial and replace
+        # those of --out as one set (io.replace_final_files); checkpoints and logs stay.
+        with output_lock(out):
+            tmp = partial_dir(out)
+            tmp.mkdir()
+            try:
+                trainer.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                copy_tokenizer(tok_dir, tmp)
+                _record_base(tmp, model)
+                losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+                ended = time.time()
+                record.update(
+                    status="complete", outcome="succeeded", ended=iso_time(ended),
+                    seconds=round(ended - run_started, 2),
+                    finished=iso_time(ended),
+                    metrics={
+                        "train_loss": result.training_loss, "first_loss": losses[0] if losses else None,
+                        "final_loss": losses[-1] if losses else None, "global_step": trainer.state.global_step,
+                        "epoch": trainer.state.epoch, "train_runtime_s": round(time.time() - started, 2),
+                        "trainable_parameters": sum(t.numel() for t in state.values()),
+                        "partitioned_tensors_gathered": partitioned,
+                    },
+                    log_history=trainer.state.log_history,
+                )
+                plot_loss(trainer.state.log_history, tmp / "loss.png", f"cla2 {job}: {model.name}")
+                write_json(tmp / RUN_FILE, record)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            replace_final_files(tmp, out)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return record
