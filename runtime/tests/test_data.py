@@ -146,3 +146,37 @@ def test_utf8_byte_order_mark_is_accepted(tmp_path, kind):
     records, _ = load_instructions(f)
     assert [r["instruction"] for r in records] == ["问", "q2"]
     assert records[0]["output"] == "答"
+
+
+def test_text_blocks_are_tokenized_in_bounded_memory(tmp_path, real_tok, monkeypatch):
+    import tracemalloc
+
+    from cla2 import data
+
+    line = "今天天气很好，我们去公园散步吧。The quick brown fox jumps over the lazy dog."
+    monkeypatch.setattr(data, "TOKENIZE_LINES", 100, raising=False)
+
+    def tokenize(lines: int):
+        corpus = tmp_path / f"corpus-{lines}"
+        corpus.mkdir()
+        (corpus / "a.txt").write_text((line + "\n") * lines, encoding="utf-8")
+        tracemalloc.start()
+        try:
+            ds, info = text_dataset(corpus, real_tok, block_size=64, cache_dir=tmp_path / "cache", progress=False)
+            return ds, info, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    _, small_info, small_peak = tokenize(16000)
+    ds, info, peak = tokenize(48000)
+    assert info["tokens"] == len(ds) * 64 > 3 * small_info["tokens"] - 64
+    # three times the corpus, about the same peak (a list of every token id would grow by 8 bytes an id and more)
+    assert peak < small_peak + 200_000, f"peak {peak} bytes for 3x the corpus, {small_peak} for 1x"
+    seq = real_tok(line)["input_ids"]
+    flat = seq * 48000
+    n = len(ds)
+    assert ds[0]["input_ids"] == flat[:64] and ds[n - 1]["input_ids"] == flat[(n - 1) * 64:n * 64]
+    assert info["dropped_tail_tokens"] == len(flat) - n * 64
+    again, info2 = text_dataset(tmp_path / "corpus-48000", real_tok, block_size=64, cache_dir=tmp_path / "cache",
+                                progress=False)
+    assert info2["cache_hit"] and again[n - 1] == ds[n - 1]

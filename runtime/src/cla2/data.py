@@ -265,9 +265,10 @@ def default_cache_dir() -> Path:
 
 
 class BlockDataset(torch.utils.data.Dataset):
-    """Fixed blocks of ``block_size`` tokens; labels = input ids."""
+    """Fixed blocks of ``block_size`` tokens; labels = input ids. ``blocks`` is a (blocks, block_size) array:
+    a read-only memory map of the cache file (pages come from disk as they are read), or a tensor."""
 
-    def __init__(self, blocks: torch.Tensor):
+    def __init__(self, blocks):
         self.blocks = blocks
 
     def __len__(self) -> int:
@@ -282,9 +283,36 @@ class BlockDataset(torch.utils.data.Dataset):
         return [self.blocks.shape[1]] * len(self)
 
 
+TOKENIZE_LINES = 1000  # lines tokenized at once: what the tokenizer holds in memory, whatever the corpus size
+
+
+def _line_chunks(f: Path, n: int):
+    """The non-empty lines of ``f`` (UTF-8), ``n`` at a time, read as they come (never the whole file)."""
+    chunk: list[str] = []
+    try:
+        with open(f, encoding="utf-8", newline=None) as fh:
+            for read in fh:
+                for line in read.splitlines():  # the same lines as str.splitlines() of the whole text
+                    if line.strip():
+                        chunk.append(line)
+                if len(chunk) >= n:
+                    yield chunk
+                    chunk = []
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{f}: not UTF-8 text ({exc}): save the file as UTF-8") from None
+    if chunk:
+        yield chunk
+
+
 def text_dataset(folder: Path, tokenizer, block_size: int, cache_dir: Path | None = None,
                  progress: bool = True) -> tuple[BlockDataset, dict]:
-    """Tokenize the .txt files of ``folder`` into blocks, once: later runs read the cache."""
+    """Tokenize the .txt files of ``folder`` into blocks, once: later runs read the cache.
+
+    The cache is a flat file of int32 token ids (``blocks-<block size>-<key>.i32``), written chunk by chunk
+    as the lines are tokenized and read back as a memory map: memory stays bounded by one chunk of lines,
+    whatever the size of the corpus.
+    """
+    import numpy as np
     from tqdm.auto import tqdm
 
     folder = Path(folder)
@@ -294,30 +322,35 @@ def text_dataset(folder: Path, tokenizer, block_size: int, cache_dir: Path | Non
     data_fp = fingerprint(files)
     tok_fp = tokenizer_fingerprint(tokenizer)
     key = hashlib.sha256(f"{tok_fp}:{block_size}:{data_fp}".encode()).hexdigest()[:24]
-    cache = Path(cache_dir or default_cache_dir()) / "pretrain" / f"blocks-{block_size}-{key}.pt"
+    cache = Path(cache_dir or default_cache_dir()) / "pretrain" / f"blocks-{block_size}-{key}.i32"
     info = {"path": str(folder), "files": [str(f) for f in files], "fingerprint": data_fp,
             "tokenizer_fingerprint": tok_fp, "block_size": block_size, "cache": str(cache)}
-    if cache.exists():
-        blocks = torch.load(cache, weights_only=True)
-        info.update(blocks=int(blocks.shape[0]), tokens=int(blocks.numel()), cache_hit=True)
+    itemsize = np.dtype(np.int32).itemsize
+    if cache.exists() and cache.stat().st_size >= block_size * itemsize:
+        blocks = np.memmap(cache, dtype=np.int32, mode="r").reshape(-1, block_size)
+        info.update(blocks=int(blocks.shape[0]), tokens=int(blocks.size), cache_hit=True)
         return BlockDataset(blocks), info
-    ids: list[int] = []
-    for f in tqdm(files, desc="tokenizing", unit="file", disable=not progress):
-        try:
-            lines = [ln for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{f}: not UTF-8 text ({exc}): save the file as UTF-8") from None
-        for start in range(0, len(lines), 1000):
-            for seq in tokenizer(lines[start:start + 1000], add_special_tokens=True)["input_ids"]:
-                ids.extend(seq)
-    n = len(ids) // block_size
-    if n == 0:
-        raise DataError(f"data folder {folder} holds {len(ids)} tokens, fewer than one block of "
-                        f"--block-size {block_size}: add text or lower --block-size")
-    blocks = torch.tensor(ids[: n * block_size], dtype=torch.int32).view(n, block_size)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-    torch.save(blocks, tmp)
-    tmp.replace(cache)
-    info.update(blocks=n, tokens=n * block_size, dropped_tail_tokens=len(ids) - n * block_size, cache_hit=False)
+    total = 0
+    try:
+        with open(tmp, "wb") as out:
+            for f in tqdm(files, desc="tokenizing", unit="file", disable=not progress):
+                for lines in _line_chunks(f, TOKENIZE_LINES):
+                    for seq in tokenizer(lines, add_special_tokens=True)["input_ids"]:
+                        np.asarray(seq, dtype=np.int32).tofile(out)
+                        total += len(seq)
+            n = total // block_size
+            if n == 0:
+                raise DataError(f"data folder {folder} holds {total} tokens, fewer than one block of "
+                                f"--block-size {block_size}: add text or lower --block-size")
+            out.truncate(n * block_size * itemsize)  # the tail that does not fill a block
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, cache)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    blocks = np.memmap(cache, dtype=np.int32, mode="r").reshape(n, block_size)
+    info.update(blocks=n, tokens=n * block_size, dropped_tail_tokens=total - n * block_size, cache_hit=False)
     return BlockDataset(blocks), info
