@@ -27,10 +27,23 @@ options:
     type: str
     choices: [path, url, staged]
     default: path
-  source: {description: Folder on the host or base URL, type: str}
+  source:
+    description: Folder on the host or base URL. Credentials in a URL (C(user:password@), or query
+      parameters such as C(token=), C(X-Amz-Signature=), C(sig=)) are masked in everything the module
+      prints or returns. Redirects are followed from http to http or https and from https to https
+      only; one from https to http is refused.
+    type: str
   manifest:
-    description: Text of an operator manifest (sha256sum format). Empty means look for I(manifest_name)
-      in the source, and without one the kit writes the manifest.
+    description: Text of an operator manifest (sha256sum format, one C(<64 hex digits>  <file>) line per
+      file). Empty (and no I(manifest_file)) means look for I(manifest_name) in the source, and without
+      one the kit writes the manifest. A manifest that lists no file (empty, comments only), a hash
+      that is not 64 hex digits, a name outside the folder or a name listed twice is refused, and a
+      copy already placed stays untouched.
+    type: str
+  manifest_file:
+    description: Where I(manifest) was read from (the item's manifest file on the controller), named in
+      errors. When it is set, I(manifest) must list files; an empty one is refused instead of being taken
+      for "no manifest given".
     type: str
   manifest_name:
     description: Name of an operator manifest inside the source folder (sha256sum format), used
@@ -62,6 +75,7 @@ import re
 import shutil
 import threading
 import time
+import urllib.error
 import urllib.parse
 
 from ansible.module_utils.basic import AnsibleModule
@@ -100,6 +114,48 @@ CONVERT_TEMP = re.compile(r"\.[^/]+\.cla2-tmp-\d+$")  # a conversion killed mid-
 
 class PlaceError(Exception):
     pass
+
+
+MAX_REDIRECTS = 10
+REDIRECTS = (301, 302, 303, 307, 308)
+# Query parameters that carry credentials (presigned S3/GCS/Azure URLs, API tokens): masked in all output.
+SECRET_QUERY = re.compile(r"(?i)token|key|sig|secret|pass|auth|credential|session|signature|security")
+
+
+def url_secrets(url):
+    """The parts of a URL that are credentials: the user:password (or a token given as the user) and the
+    values of query parameters such as token=, X-Amz-Signature=, sig=. Never printed nor returned."""
+    out = set()
+    try:
+        parts = urllib.parse.urlsplit(url or "")
+    except ValueError:
+        return out
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rpartition("@")[0]
+        out.update([userinfo, urllib.parse.unquote(userinfo)])
+        user, _, password = userinfo.partition(":")
+        out.update(v for v in (password, urllib.parse.unquote(password)) if v)
+        if not password:
+            out.update(v for v in (user, urllib.parse.unquote(user)) if v)
+    for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        if value and SECRET_QUERY.search(key):
+            out.update([value, urllib.parse.quote(value, safe=""), urllib.parse.quote_plus(value)])
+    return set(v for v in out if len(v) >= 3)
+
+
+def redact(url):
+    """url without its credentials, for messages: https://***@host/path?token=***."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<the URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = "&".join("%s=%s" % (urllib.parse.quote(k, safe=""), "***" if v and SECRET_QUERY.search(k)
+                                else urllib.parse.quote(v, safe=""))
+                     for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 class Stopped(Exception):
@@ -142,19 +198,43 @@ def for_each_file(names, work, workers, stop):
             raise future.exception()
 
 
-def parse_manifest(text):
+MANIFEST_LINE = "'<64 hex digits of sha256>  <file name>' (what `sha256sum FILE` prints)"
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}$")
+
+
+def parse_manifest(text, label="the manifest"):
+    """name -> sha256 of a sha256sum-format manifest; `label` names it in errors.
+
+    Refused, naming the line: a hash that is not 64 hex digits, a name outside the folder (absolute,
+    `..`) or one of the kit's own files, and a name listed twice (which line would win is a guess).
+    Refused as a whole: a manifest without any file line (empty, or comments only): placing it would
+    replace a good copy with an empty folder."""
     entries = {}
+    lines = {}
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         parts = line.split(None, 1)
-        if len(parts) != 2 or len(parts[0]) != 64:
-            raise PlaceError("manifest line %d is not '<sha256>  <file>': %r" % (number, line))
+        if len(parts) != 2 or not SHA256_HEX.match(parts[0]):
+            raise PlaceError("%s, line %d: %r is not a manifest line; a valid line is %s"
+                             % (label, number, line, MANIFEST_LINE))
         name = parts[1].lstrip("*").strip()
         if name.startswith("./"):
             name = name[2:]
+        try:
+            name = safe_rel(name)
+        except PlaceError as exc:
+            raise PlaceError("%s, line %d: %s" % (label, number, exc))
+        if name in lines:
+            raise PlaceError("%s lists %s twice, on lines %d and %d: keep one line per file"
+                             % (label, name, lines[name], number))
+        lines[name] = number
         entries[name] = parts[0].lower()
+    if not entries:
+        raise PlaceError("%s lists no file (it is empty or holds only comments): nothing would be placed, "
+                         "and a copy already placed would be replaced by an empty folder; a valid line is %s"
+                         % (label, MANIFEST_LINE))
     return entries
 
 
@@ -164,8 +244,11 @@ def format_manifest(entries):
 
 def safe_rel(rel):
     norm = os.path.normpath(rel)
-    if norm.startswith("..") or os.path.isabs(norm) or norm in (".", ""):
-        raise PlaceError("manifest names a path outside the folder: %r" % rel)
+    if os.path.isabs(norm) or norm in (".", "", "..") or norm.startswith("../"):
+        raise PlaceError("%r is a path outside the folder (absolute or through '..'): name files relative "
+                         "to the folder" % rel)
+    if norm in META:
+        raise PlaceError("%r is a name the kit keeps for its own records in the placed folder" % rel)
     return norm
 
 
@@ -204,9 +287,17 @@ def read_json(path):
         return None
 
 
+def open_nofollow(path, flags, mode=0o600):
+    """os.open that never goes through a symlink at `path` (ELOOP instead): the staging folder is
+    written by root, and a link planted in it must not make the kit write over what it points to."""
+    return os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
+
+
 def write_file_durable(path, data):
     tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
+    if os.path.islink(tmp):
+        os.unlink(tmp)
+    with os.fdopen(open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "w") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
@@ -275,7 +366,7 @@ def kernel_copy_hashed(src, target, have, hasher, stop):
             os.posix_fadvise(fin.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         except (AttributeError, OSError):
             pass
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o600)
+        fd = open_nofollow(target, os.O_WRONLY | os.O_CREAT)
         try:
             os.ftruncate(fd, have)
             if size > have:
@@ -319,7 +410,7 @@ def kernel_copy_hashed(src, target, have, hasher, stop):
 
 
 def hash_prefix(hasher, path, length, stop):
-    with open(path, "rb", buffering=0) as fh:
+    with os.fdopen(open_nofollow(path, os.O_RDONLY), "rb", buffering=0) as fh:
         left = length
         while left:
             if stop.is_set():
@@ -364,34 +455,63 @@ class Placer(object):
         base = self.source if self.source.endswith("/") else self.source + "/"
         return urllib.parse.urljoin(base, urllib.parse.quote(rel))
 
-    def open_url(self, url, offset=0):
+    def open_url(self, url, offset=0, method="GET"):
+        """open_url with redirects followed here, so each hop is checked: a redirect from https to
+        anything else (plain http) is refused, since the manifest may then come over a link anyone on
+        the way can alter. Credentials in the URL go to later hops only on the same scheme, host and port."""
         headers = {"Range": "bytes=%d-" % offset} if offset else {}
-        return open_url(url, headers=headers, timeout=self.m.params["timeout"],
-                        validate_certs=self.m.params["validate_certs"])
+        for _hop in range(MAX_REDIRECTS + 1):
+            try:
+                return open_url(url, method=method, headers=headers, timeout=self.m.params["timeout"],
+                                validate_certs=self.m.params["validate_certs"], follow_redirects="none")
+            except urllib.error.HTTPError as exc:
+                location = exc.headers.get("Location") if exc.code in REDIRECTS and exc.headers else None
+                if not location:
+                    raise
+                exc.close()
+                nxt = urllib.parse.urljoin(url, location)
+                old, new = urllib.parse.urlsplit(url), urllib.parse.urlsplit(nxt)
+                if new.scheme not in ("http", "https") or (old.scheme == "https" and new.scheme != "https"):
+                    raise PlaceError("refused the redirect from %s to %s: a URL source may be redirected from "
+                                     "https only to https, never to %s (a download over it could be altered on "
+                                     "the way); give the item the final https URL or fix the mirror"
+                                     % (redact(url), redact(nxt), new.scheme or "a relative URL"))
+                if old.username is not None and new.username is None and \
+                        (old.scheme, old.hostname, old.port) == (new.scheme, new.hostname, new.port):
+                    nxt = urllib.parse.urlunsplit(new._replace(netloc=old.netloc))
+                url = nxt
+        raise PlaceError("%s redirected more than %d times" % (redact(url), MAX_REDIRECTS))
 
     def operator_manifest(self):
-        """The operator's manifest: given, or a file named manifest_name in the source, or None."""
+        """The operator's manifest: given, or a file named manifest_name in the source, or None.
+
+        One that is given must list files: an empty one (an item's manifest file with nothing in it) is
+        refused rather than taken for "none given"."""
         p = self.m.params
-        if p["manifest"]:
-            return dict((safe_rel(k), v) for k, v in parse_manifest(p["manifest"]).items())
+        if p["manifest"] or p["manifest_file"]:
+            label = "manifest %s" % p["manifest_file"] if p["manifest_file"] else "the given manifest"
+            return parse_manifest(p["manifest"] or "", label)
         mname = p["manifest_name"]
         if self.source_type == "path":
             path = os.path.join(self.source, mname)
             if os.path.isfile(path):
                 with open(path) as fh:
-                    return dict((safe_rel(k), v) for k, v in parse_manifest(fh.read()).items())
+                    return parse_manifest(fh.read(), "manifest %s" % path)
         elif self.source_type == "url":
             try:
                 text = self.open_url(self.url_of(mname)).read().decode()
+            except PlaceError:
+                raise
             except Exception as exc:
                 raise PlaceError("a URL source needs a manifest: none given and %s could not be read: %s"
-                                 % (self.url_of(mname), exc))
-            return dict((safe_rel(k), v) for k, v in parse_manifest(text).items())
+                                 % (redact(self.url_of(mname)), exc))
+            return parse_manifest(text, "manifest %s" % redact(self.url_of(mname)))
         elif self.source_type == "staged":
             path = os.path.join(self.staging, mname)
             if os.path.isfile(path):
                 with open(path) as fh:
-                    return dict((safe_rel(k), v) for k, v in parse_manifest(fh.read()).items())
+                    return parse_manifest(fh.read(), "manifest %s" % os.path.join(
+                        p["source_label"] or self.staging, mname))
         return None
 
     def source_identity(self, manifest):
@@ -463,11 +583,11 @@ class Placer(object):
                 return -1
         return sorted(sorted(names), key=size, reverse=True)
 
-    def copy_one(self, rel, progress, expected_size, trust_prefix, stop):
+    def copy_one(self, rel, progress, expected_size, expected_sha, stop):
         """Copy one file into staging, hashing as it goes; resume a partial copy. Returns
         (sha256, bytes copied, bytes resumed, bytes hashed from staging).
 
-        A partial file is continued only when a manifest will check the result (trust_prefix):
+        A partial file is continued only when a manifest will check the result (expected_sha):
         otherwise a prefix damaged by a crash would end up in the kit's own manifest."""
         target = os.path.join(self.staging, rel)
         os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -485,7 +605,7 @@ class Placer(object):
                     raise PlaceError("%s was not transferred into %s" % (rel, self.staging))
                 return h.hexdigest(), 0, 0, size
             have = os.path.getsize(target) if os.path.isfile(target) else 0
-            if (expected_size is not None and have > expected_size) or not trust_prefix:
+            if (expected_size is not None and have > expected_size) or not expected_sha:
                 have = 0
             if have:
                 hash_prefix(h, target, have, stop)
@@ -498,15 +618,32 @@ class Placer(object):
                 url = self.url_of(rel)
                 try:
                     resp = self.open_url(url, have)
-                except Exception as exc:
-                    raise PlaceError("could not download %s: %s" % (url, exc))
+                except urllib.error.HTTPError as exc:
+                    if not (have and exc.code == 416):
+                        raise PlaceError("could not download %s: %s" % (redact(url), exc))
+                    # 416: nothing at or past the byte asked for, so the copy in staging is as long as the
+                    # file (or longer), e.g. complete but not yet in the progress record (nginx and S3 answer
+                    # so). Its hash decides: the same as the manifest's, it is complete; else start over.
+                    total = (exc.headers.get("Content-Range") or "").rpartition("/")[2] if exc.headers else ""
+                    exc.close()
+                    if (not total.isdigit() or int(total) == have) and h.hexdigest() == expected_sha:
+                        os.chmod(target, self.mode)
+                        return expected_sha, 0, have, 0
+                    h.close()
+                    h = Hasher()
+                    have = 0
+                    try:
+                        resp = self.open_url(url)
+                    except urllib.error.HTTPError as exc2:
+                        raise PlaceError("could not download %s: %s" % (redact(url), exc2))
                 if have and getattr(resp, "status", getattr(resp, "code", 200)) != 206:
                     # The server ignored the Range: start this file over.
                     h.close()
                     h = Hasher()
                     have = 0
                 length = resp.headers.get("Content-Length")
-                with open(target, "ab" if have else "wb", buffering=0) as fout:
+                flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if have else os.O_TRUNC)
+                with os.fdopen(open_nofollow(target, flags), "ab" if have else "wb", buffering=0) as fout:
                     try:
                         n = pump(resp.read, fout, h, stop)
                         # http.client ends a body that stops short of its Content-Length as if it were
@@ -516,7 +653,7 @@ class Placer(object):
                     except http.client.HTTPException as exc:
                         raise PlaceError("the download of %s broke off after %d bytes (%s); the partial copy in "
                                          "%s is kept and the next run resumes it" % (
-                                             url, os.fstat(fout.fileno()).st_size, type(exc).__name__,
+                                             redact(url), os.fstat(fout.fileno()).st_size, type(exc).__name__,
                                              self.staging))
                     os.fsync(fout.fileno())
             os.chmod(target, self.mode)
@@ -566,7 +703,7 @@ class Placer(object):
         stop = threading.Event()
 
         def place_one(rel):
-            sha, copied, resumed, hashed = self.copy_one(rel, files, sizes.get(rel), manifest is not None, stop)
+            sha, copied, resumed, hashed = self.copy_one(rel, files, sizes.get(rel), (manifest or {}).get(rel), stop)
             size = os.path.getsize(os.path.join(self.staging, rel))
             with lock:
                 computed[rel] = sha
@@ -623,6 +760,7 @@ def main():
             source_type=dict(type="str", choices=["path", "url", "staged"], default="path"),
             source=dict(type="str"),
             manifest=dict(type="str", no_log=False),
+            manifest_file=dict(type="str"),
             manifest_name=dict(type="str", default="SHA256SUMS"),
             source_stamp=dict(type="str"),
             source_label=dict(type="str"),
@@ -636,6 +774,10 @@ def main():
         required_if=[("source_type", "path", ["source"]), ("source_type", "url", ["source"])],
         supports_check_mode=True,
     )
+    if module.params["source_type"] == "url":
+        # Credentials in the URL: Ansible masks these strings in all that the module returns, and every
+        # message names the URL through redact() besides.
+        module.no_log_values.update(url_secrets(module.params["source"]))
     placer = Placer(module)
     try:
         manifest = placer.operator_manifest()
