@@ -275,6 +275,14 @@ def listing_stamp(root, names):
     return items
 
 
+def human(n):
+    """Bytes for a message: 26.4 GiB (26400000000 bytes)."""
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return "%.1f %s (%d bytes)" % (n / size, unit, n)
+    return "%d bytes" % n
+
+
 def digest(obj):
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
@@ -664,20 +672,112 @@ class Placer(object):
     def remove_staging(self):
         shutil.rmtree(self.staging, ignore_errors=True)
 
+    def drop_links(self):
+        """Symlinks in the staging folder are never the kit's own (it writes regular files and folders
+        only); one there could make a copy write over what it points to. For a host or URL source each is
+        removed (never followed) and its file fetched again; a transfer from the controller (rsync, no
+        links) that holds one is refused."""
+        if os.path.islink(self.staging):
+            os.unlink(self.staging)
+        removed = []
+        for base, dirs, files in os.walk(self.staging):
+            for name in dirs + files:
+                full = os.path.join(base, name)
+                if os.path.islink(full):
+                    rel = os.path.relpath(full, self.staging)
+                    if self.source_type == "staged":
+                        raise PlaceError("%s in the staging folder is a symlink (to %s), which the transfer from "
+                                         "the controller does not make: remove %s and re-run"
+                                         % (rel, os.readlink(full), self.staging))
+                    os.unlink(full)
+                    removed.append(rel)
+        if removed:
+            self.result["symlinks_removed"] = sorted(removed)
+        return removed
+
+    def url_sizes(self, names):
+        """Sizes of the URL files from HEAD (Content-Length), where the server answers it; None if not."""
+        sizes = {}
+        for rel in names:
+            try:
+                resp = self.open_url(self.url_of(rel), method="HEAD")
+                length = resp.headers.get("Content-Length")
+                resp.close()
+            except PlaceError:
+                raise
+            except Exception:
+                length = None
+            sizes[rel] = int(length) if length and length.isdigit() else None
+        return sizes
+
+    def check_space(self, names, sizes, keep_staged):
+        """Refuse before writing anything when the data disk cannot hold the new copy.
+
+        What is still to write is the files' sizes less what a resumable copy in staging already holds.
+        A copy already placed stays in place until the new one is complete (and is removed after the
+        rename), so replacing one takes room for both at once: twice the size of the model."""
+        known = [rel for rel in names if sizes.get(rel) is not None]
+        total = sum(sizes[rel] for rel in known)
+        staged = 0
+        for rel in known:
+            path = os.path.join(self.staging, rel)
+            if keep_staged and os.path.isfile(path) and not os.path.islink(path):
+                staged += min(os.path.getsize(path), sizes[rel])
+        needed = total - staged + 4096 * len(known) + (1 << 20)  # block rounding and the kit's records
+        st = os.statvfs(self.parent)
+        free = st.f_bavail * st.f_frsize
+        self.result.update(bytes_needed=needed, bytes_free=free)
+        if not known or needed <= free:
+            return
+        mount = os.path.realpath(self.parent)
+        while not os.path.ismount(mount):
+            mount = os.path.dirname(mount)
+        placed = 0
+        if os.path.isdir(self.dest):
+            for rel in walk_files(self.dest):
+                placed += os.path.getsize(os.path.join(self.dest, rel))
+        raise PlaceError(
+            "not enough free space on the file system of %s (mounted at %s): the new copy needs %s more "
+            "(%d files, %s%s), %s is free%s; nothing was written: free %s there or point "
+            "model_weights_data_root at a larger disk" % (
+                self.parent, mount, human(needed), len(known), human(total),
+                ", of which %s already in %s" % (human(staged), self.staging) if staged else "",
+                human(free),
+                "; the placed copy at %s (%s) stays until the new one is complete, so replacing it takes "
+                "room for both (twice the size)" % (self.dest, human(placed)) if placed else "",
+                human(needed - free)))
+
     def place(self, manifest, identity):
+        try:
+            self._place(manifest, identity)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # The disk filled up (something else wrote to it meanwhile, or sizes were unknown): a partial
+            # copy that cannot be finished only keeps the disk full. Remove it.
+            st = os.statvfs(self.parent)
+            self.remove_staging()
+            raise PlaceError("the file system of %s filled up while copying (%s; %s was free before the copy, "
+                             "%s were needed): the partial copy in %s was removed to free the disk%s; free "
+                             "space there and re-run" % (
+                                 self.parent, exc.strerror, human(self.result.get("bytes_free", st.f_bavail * st.f_frsize)),
+                                 human(self.result["bytes_needed"]) if self.result.get("bytes_needed") else "an unknown size",
+                                 self.staging,
+                                 ", the previous copy at %s is untouched" % self.dest if os.path.isdir(self.dest) else ""))
+
+    def _place(self, manifest, identity):
         start = time.time()
         os.makedirs(self.parent, exist_ok=True)
+        if os.path.islink(self.staging):
+            os.unlink(self.staging)
         progress_path = os.path.join(self.staging, META_PROGRESS)
-        progress = read_json(progress_path)
+        progress = read_json(progress_path) if not os.path.islink(progress_path) else None
         if self.source_type != "staged" and os.path.isdir(self.staging):
             # A partial copy resumes when it is of this very source, or, when its origin is unknown,
             # if a manifest will catch a stale prefix. Otherwise it cannot be trusted: start over.
             if (progress or {}).get("source") != identity and not (progress is None and manifest is not None):
                 self.remove_staging()
                 progress = None
-        os.makedirs(self.staging, exist_ok=True)
-        files = (progress or {}).get("files", {}) if (progress or {}).get("source") == identity else {}
-        write_file_durable(progress_path, json.dumps({"source": identity, "files": files}))
         sizes = {}
         if manifest is not None:
             names = sorted(manifest)
@@ -693,6 +793,14 @@ class Placer(object):
                 if not os.path.isfile(src):
                     raise PlaceError("%s is listed in the manifest but missing from %s" % (rel, self.source))
                 sizes[rel] = os.path.getsize(src)
+        if self.source_type != "staged":
+            self.check_space(names, sizes if self.source_type == "path" else self.url_sizes(names),
+                             manifest is not None)
+        os.makedirs(self.staging, exist_ok=True)
+        for rel in self.drop_links():
+            (progress or {}).get("files", {}).pop(rel, None)
+        files = (progress or {}).get("files", {}) if (progress or {}).get("source") == identity else {}
+        write_file_durable(progress_path, json.dumps({"source": identity, "files": files}))
         if self.source_type == "staged" and manifest is not None:
             missing = [n for n in names if not os.path.isfile(os.path.join(self.staging, n))]
             if missing:
