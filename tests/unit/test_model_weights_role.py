@@ -90,3 +90,15 @@ def test_url_with_credentials_is_not_printed_and_failures_still_say_why(tmp_path
         assert SECRET not in res.stdout + res.stderr
         assert f"needs a manifest: none given and http://***@{mirror.host}/nothing-here/SHA256SUMS" in res.stdout, \
             res.stdout[-3000:]
+
+
+def test_controller_source_with_its_manifest_file_is_placed_and_stays_current(tmp_path):
+    """The staged (rsync) flow with an item's manifest file: placed, then a re-run changes nothing."""
+    manifest = make_model(tmp_path / "files" / "c")
+    (tmp_path / "c.sha256").write_text("# the controller's manifest\n" + manifest)
+    items = [{"name": "c", "src": str(tmp_path / "files" / "c"), "manifest": str(tmp_path / "c.sha256")}]
+    res = run_role(tmp_path, items)
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert (tmp_path / "models" / "c" / ".cla2-manifest.sha256").read_text() == manifest
+    res = run_role(tmp_path, items)
+    assert res.returncode == 0 and "changed=0" in res.stdout, res.stdout[-3000:]
