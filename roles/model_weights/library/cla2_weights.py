@@ -19,6 +19,13 @@ description:
   - C(state=placed) copies the source into a staging folder beside I(dest) while hashing, checks each
     file against the manifest, writes the manifest and the stamp, then renames the staging folder
     to I(dest). A bad checksum removes the staging copy and leaves a previous I(dest) untouched.
+  - Before writing anything, the free space of the file system of I(dest) is checked against what is still
+    to copy (sizes from the source folder, or from HEAD for URL files); a copy already at I(dest) stays
+    until the new one is complete, so replacing it needs room for both. A disk that fills up all the same
+    (ENOSPC) makes the module remove the partial copy and say so.
+  - Files in the staging folder are opened without following symlinks; a symlink there is removed and its
+    file fetched again (refused for C(staged) sources). A URL file already whole in staging that the server
+    answers with 416 is re-hashed, and downloaded again when it does not match the manifest.
 options:
   dest: {description: Final folder, type: path, required: true}
   source_type:
@@ -52,10 +59,18 @@ options:
     default: SHA256SUMS
   source_stamp: {description: Digest of the source listing computed by the caller, type: str}
   source_label: {description: How to name the source in messages (the controller folder for staged sources), type: str}
-  state: {type: str, choices: [query, placed], default: placed}
-  verify: {type: str, choices: [stamp, full], default: stamp}
+  state:
+    description: C(query) reports whether I(dest) is placed and current and changes nothing; C(placed) places it.
+    type: str
+    choices: [query, placed]
+    default: placed
+  verify:
+    description: C(stamp) compares sizes and mtimes with the stamp; C(full) also re-hashes every placed file.
+    type: str
+    choices: [stamp, full]
+    default: stamp
   timeout: {description: Seconds for each URL request to answer, type: int, default: 60}
-  validate_certs: {type: bool, default: true}
+  validate_certs: {description: Check the TLS certificates of URL sources, type: bool, default: true}
   mode: {description: Mode of the placed files, type: str, default: "0644"}
   workers:
     description: Files copied and hashed at once; 0 is one per CPU core of the host, at most 8.
