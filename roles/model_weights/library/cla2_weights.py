@@ -752,11 +752,11 @@ class Placer(object):
             for rel in walk_files(self.dest):
                 placed += os.path.getsize(os.path.join(self.dest, rel))
         raise PlaceError(
-            "not enough free space on the file system of %s (mounted at %s): the new copy needs %s more "
-            "(%d files, %s%s), %s is free%s; nothing was written: free %s there or point "
-            "model_weights_data_root at a larger disk" % (
+            "not enough free space in %s (the file system mounted at %s): the new copy needs %s free "
+            "(%d files, %s in all%s, and a margin for the file system), %s is free%s; nothing was written: "
+            "free %s there or point model_weights_data_root at a larger disk" % (
                 self.parent, mount, human(needed), len(known), human(total),
-                ", of which %s already in %s" % (human(staged), self.staging) if staged else "",
+                ", %s of it already in %s" % (human(staged), self.staging) if staged else "",
                 human(free),
                 "; the placed copy at %s (%s) stays until the new one is complete, so replacing it takes "
                 "room for both (twice the size)" % (self.dest, human(placed)) if placed else "",
