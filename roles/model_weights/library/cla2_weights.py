@@ -741,8 +741,10 @@ class Placer(object):
         needed = total - staged + 4096 * len(known) + (1 << 20)  # block rounding and the kit's records
         st = os.statvfs(self.parent)
         free = st.f_bavail * st.f_frsize
+        if not known:
+            return
         self.result.update(bytes_needed=needed, bytes_free=free)
-        if not known or needed <= free:
+        if needed <= free:
             return
         mount = os.path.realpath(self.parent)
         while not os.path.ismount(mount):
@@ -768,17 +770,20 @@ class Placer(object):
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            # The disk filled up (something else wrote to it meanwhile, or sizes were unknown): a partial
+            # The disk filled up (sizes unknown up front, or something else wrote to it meanwhile): a partial
             # copy that cannot be finished only keeps the disk full. Remove it.
-            st = os.statvfs(self.parent)
             self.remove_staging()
-            raise PlaceError("the file system of %s filled up while copying (%s; %s was free before the copy, "
-                             "%s were needed): the partial copy in %s was removed to free the disk%s; free "
-                             "space there and re-run" % (
-                                 self.parent, exc.strerror, human(self.result.get("bytes_free", st.f_bavail * st.f_frsize)),
-                                 human(self.result["bytes_needed"]) if self.result.get("bytes_needed") else "an unknown size",
-                                 self.staging,
-                                 ", the previous copy at %s is untouched" % self.dest if os.path.isdir(self.dest) else ""))
+            if self.result.get("bytes_needed"):
+                before = "%s was free before the copy, %s needed" % (
+                    human(self.result["bytes_free"]), human(self.result["bytes_needed"]))
+            else:
+                before = "the sizes were not known before the copy%s" % (
+                    ": the server does not answer HEAD with a Content-Length" if self.source_type == "url" else "")
+            raise PlaceError("the file system of %s filled up while copying (%s; %s): the partial copy in %s was "
+                             "removed to free the disk%s; free space there and re-run" % (
+                                 self.parent, exc.strerror, before, self.staging,
+                                 ", the previous copy at %s is untouched" % self.dest
+                                 if os.path.isdir(self.dest) else ""))
 
     def _place(self, manifest, identity):
         start = time.time()
