@@ -1,0 +1,95 @@
+"""Download URLs that carry credentials (user:password@host, a token query) are never logged (issue 14).
+
+Runs the download of roles/mlu_driver (tasks_from: install) and of roles/container_image (tasks_from: load)
+with ansible-playbook on localhost against a URL that carries a password and a token and cannot be reached:
+the run must fail with a useful message naming the redacted URL, and the secrets must appear nowhere in
+its output, even at -vvv (task arguments, results, the error). A URL without a secret keeps its full form
+in the error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+KIT = Path(__file__).resolve().parents[2]
+PASSWORD = "s3cretPW42"
+TOKEN = "t0kenXYZ99"
+
+pytestmark = pytest.mark.skipif(shutil.which("ansible-playbook") is None, reason="ansible-playbook not on PATH")
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on (connection refused at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_playbook(tmp_path: Path, role: str, tasks_from: str, role_vars: dict) -> subprocess.CompletedProcess:
+    playbook = tmp_path / "play.yml"
+    playbook.write_text(textwrap.dedent(f"""\
+        - hosts: localhost
+          connection: local
+          gather_facts: false
+          tasks:
+            - ansible.builtin.include_role:
+                name: {role}
+                tasks_from: {tasks_from}
+              vars: {json.dumps(role_vars)}
+        """))
+    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(KIT / "roles"), ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1",
+               ANSIBLE_LOCALHOST_WARNING="0", ANSIBLE_INVENTORY_UNPARSED_WARNING="0",
+               ANSIBLE_CONFIG=str(KIT / "ansible.cfg"), ANSIBLE_PYTHON_INTERPRETER=sys.executable)
+    return subprocess.run(["ansible-playbook", "-vvv", "-i", "localhost,", str(playbook)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def driver_vars(tmp_path: Path, url: str) -> dict:
+    return {"mlu_driver_package_url": url, "mlu_driver_package_checksum": "sha256:" + "0" * 64,
+            "mlu_driver_staging_dir": str(tmp_path / "staging"), "mlu_driver__package_extension": "deb",
+            "mlu_driver__broken": []}
+
+
+def image_vars(tmp_path: Path, url: str) -> dict:
+    return {"container_image_name": "cla2/test", "container_image_tag": "v1", "container_image_url": url,
+            "container_image_sha256": "0" * 64, "container_image_staging_dir": str(tmp_path / "staging")}
+
+
+CASES = [
+    ("mlu_driver", "install", driver_vars, "mlu_driver: could not get driver package"),
+    ("container_image", "load", image_vars, "container_image: could not download"),
+]
+
+
+@pytest.mark.parametrize(("role", "tasks_from", "make_vars", "error"), CASES, ids=[c[0] for c in CASES])
+def test_a_credentialed_url_that_fails_is_never_logged(tmp_path, role, tasks_from, make_vars, error):
+    port = closed_port()
+    url = f"http://cla2user:{PASSWORD}@127.0.0.1:{port}/pkg/file.deb?token={TOKEN}&x=1"
+    result = run_playbook(tmp_path, role, tasks_from, make_vars(tmp_path, url))
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out
+    assert PASSWORD not in out
+    assert TOKEN not in out
+    assert "cla2user" not in out
+    assert error in out, out
+    assert f"http://***@127.0.0.1:{port}/pkg/file.deb?***" in out, out
+    assert not (tmp_path / "staging" / "file.deb").exists()
+
+
+@pytest.mark.parametrize(("role", "tasks_from", "make_vars", "error"), CASES, ids=[c[0] for c in CASES])
+def test_a_plain_url_that_fails_is_named_in_full(tmp_path, role, tasks_from, make_vars, error):
+    port = closed_port()
+    url = f"http://127.0.0.1:{port}/pkg/file.deb"
+    result = run_playbook(tmp_path, role, tasks_from, make_vars(tmp_path, url))
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out
+    assert f"{error} {url}" in out, out
