@@ -39,7 +39,7 @@ def run_playbook(tmp_path: Path, role: str, tasks_from: str, role_vars: dict) ->
     playbook.write_text(textwrap.dedent(f"""\
         - hosts: localhost
           connection: local
-          gather_facts: false
+          gather_facts: {"true" if tasks_from == "main" else "false"}
           tasks:
             - ansible.builtin.include_role:
                 name: {role}
@@ -66,11 +66,13 @@ def image_vars(tmp_path: Path, url: str) -> dict:
 
 CASES = [
     ("mlu_driver", "install", driver_vars, "mlu_driver: could not get driver package"),
+    # the whole role: its argument validation and every task before the download see the URL too
+    ("mlu_driver", "main", driver_vars, "mlu_driver: could not get driver package"),
     ("container_image", "load", image_vars, "container_image: could not download"),
 ]
 
 
-@pytest.mark.parametrize(("role", "tasks_from", "make_vars", "error"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("role", "tasks_from", "make_vars", "error"), CASES, ids=[f"{c[0]}:{c[1]}" for c in CASES])
 def test_a_credentialed_url_that_fails_is_never_logged(tmp_path, role, tasks_from, make_vars, error):
     port = closed_port()
     url = f"http://cla2user:{PASSWORD}@127.0.0.1:{port}/pkg/file.deb?token={TOKEN}&x=1"
@@ -85,7 +87,7 @@ def test_a_credentialed_url_that_fails_is_never_logged(tmp_path, role, tasks_fro
     assert not (tmp_path / "staging" / "file.deb").exists()
 
 
-@pytest.mark.parametrize(("role", "tasks_from", "make_vars", "error"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("role", "tasks_from", "make_vars", "error"), CASES, ids=[f"{c[0]}:{c[1]}" for c in CASES])
 def test_a_plain_url_that_fails_is_named_in_full(tmp_path, role, tasks_from, make_vars, error):
     port = closed_port()
     url = f"http://127.0.0.1:{port}/pkg/file.deb"
