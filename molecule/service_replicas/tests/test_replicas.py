@@ -4,11 +4,13 @@ restart fails no request; a device group the host lacks is refused before anythi
 
 import json
 import os
+import socket
 import subprocess
 import threading
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 ROOT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
@@ -95,6 +97,8 @@ def test_each_replica_is_its_own_unit_pinned_to_its_device_group(host):
         assert args[args.index("--devices") + 1] == "0"
         assert args[args.index("--port") + 1] == str(BASE_PORT + r)
         assert args[args.index("--host") + 1] == "127.0.0.1"
+        # the device kind is given, never guessed: the sandbox's inventory says cpu (real hosts: mlu)
+        assert args[args.index("--device") + 1] == "cpu"
         inside = host.check_output(f"docker exec {NAME}-r{r} sh -c 'ls -1 /dev | grep ^cambricon_dev'").split()
         assert inside == ["cambricon_dev0"]
         assert host.socket(f"tcp://127.0.0.1:{BASE_PORT + r}").is_listening
@@ -137,6 +141,32 @@ def test_no_secret_in_the_units_and_the_env_file_is_private(host):
     assert KEY not in host.file(f"/etc/haproxy/{NAME}.cfg").content_string
 
 
+def serve_pid(host, container):
+    """The host's pid of the cla2 serve process in a replica's container (not docker-init)."""
+    pid = host.check_output(f"docker top {container} -eo pid,args | awk 'NR > 1 && /cla2 serve/ && !/docker-init/ "
+                            "{{print $1; exit}}'")
+    assert pid.strip().isdigit(), pid
+    return pid.strip()
+
+
+def test_each_replica_container_is_confined(host):
+    memtotal_kib = int(host.check_output("awk '/^MemTotal:/ {print $2}' /proc/meminfo"))
+    for r in REPLICAS:
+        config = inspect(host, f"{NAME}-r{r}")["HostConfig"]
+        assert "no-new-privileges" in config["SecurityOpt"], config["SecurityOpt"]
+        assert config["CapDrop"] == ["ALL"] and not config["CapAdd"], (config["CapDrop"], config["CapAdd"])
+        assert config["IpcMode"] == "private" and config["ShmSize"] == 1024**3
+        assert config["PidsLimit"] == 4096
+        # auto: 90% of the host's memory shared by the 2 replicas
+        assert config["Memory"] == int(memtotal_kib * 0.9 / len(REPLICAS)) * 1024 == config["MemorySwap"]
+        assert not config["Privileged"]
+        # the server itself holds no capability and cannot gain one
+        status = host.file(f"/proc/{serve_pid(host, f'{NAME}-r{r}')}/status").content_string
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        assert fields["CapEff"].strip() == "0000000000000000" and fields["CapPrm"].strip() == "0000000000000000"
+        assert fields["NoNewPrivs"].strip() == "1"
+
+
 def test_killed_replica_endpoint_keeps_answering_and_systemd_brings_it_back(host):
     url = address(host)
     restarts = int(host.check_output(f"systemctl show -p NRestarts --value {NAME}-r0"))
@@ -145,10 +175,7 @@ def test_killed_replica_endpoint_keeps_answering_and_systemd_brings_it_back(host
     client.start()
     time.sleep(2)
     # kill -9 the serve process itself (not docker-init)
-    pid = host.check_output(f"docker top {NAME}-r0 -eo pid,args | awk 'NR > 1 && /cla2 serve/ && !/docker-init/ "
-                            "{{print $1; exit}}'")
-    assert pid.strip().isdigit(), pid
-    host.check_output(f"kill -9 {pid}")
+    host.check_output(f"kill -9 {serve_pid(host, f'{NAME}-r0')}")
     wait_until(lambda: haproxy_status(host).get("r0") != "UP", 20, "HAProxy takes the killed replica out")
     wait_until(lambda: int(host.check_output(f"systemctl show -p NRestarts --value {NAME}-r0")) > restarts, 60,
                "systemd restarts the killed replica")
@@ -219,3 +246,115 @@ def test_a_model_that_does_not_load_fails_the_play_with_the_cause_and_the_endpoi
                  "systemctl daemon-reload")
     # the other service on the host is untouched
     assert haproxy_status(host) == {"r0": "UP", "r1": "UP"}
+
+
+def remove_service(host, name):
+    host.run(f"systemctl disable --now {name} {name}-r0 {name}-r1; systemctl reset-failed {name}-r0 {name}-r1; "
+             f"rm -f /etc/systemd/system/{name}*.service /etc/cla2/services/{name}.json; systemctl daemon-reload")
+
+
+def test_a_host_without_mlu_device_nodes_is_refused_before_anything_changes(host):
+    # a broken driver: no /dev/cambricon_dev<N> (here: patterns that find none) must not become a CPU service
+    res = play(inference_service_name="cla2-nodev", inference_service_port=19420, inference_service_device="mlu",
+               inference_service_device_patterns=["cambricon_ctl", "cambricon_none*"])
+    assert res.returncode != 0
+    assert "inference_service_device is mlu but no /dev/cambricon_dev<N> node was found" in res.stdout, res.stdout[-3000:]
+    assert "Nothing was changed" in res.stdout
+    assert not host.file("/etc/systemd/system/cla2-nodev.service").exists
+    assert not host.file("/etc/systemd/system/cla2-nodev-r0.service").exists
+
+
+def test_a_replica_without_its_devices_fails_with_the_cause_instead_of_serving_from_the_cpu(host):
+    # the nodes are there but torch sees no MLU (the sandbox's image: no torch_mlu): --device mlu is passed, so
+    # the replica reports why it cannot load rather than falling back to the CPU and passing the smoke test
+    try:
+        res = play(inference_service_name="cla2-mlu", inference_service_port=19440, inference_service_device="mlu",
+                   inference_service_device_groups=[[0]], inference_service_health_timeout=60)
+        assert res.returncode != 0
+        assert "cla2-mlu replica r0 (devices 0)" in res.stdout, res.stdout[-3000:]
+        assert "--device mlu asked for, but torch_mlu is not importable" in res.stdout
+        health = requests.get(f"{address(host).rsplit(':', 1)[0]}:19440/health", timeout=30)
+        assert health.status_code == 503 and "torch_mlu" in health.json()["error"]
+    finally:
+        remove_service(host, "cla2-mlu")
+    assert haproxy_status(host) == {"r0": "UP", "r1": "UP"}
+
+
+def test_a_replica_that_keeps_dying_stops_at_the_start_limit(host):
+    # systemd restarts a killed replica, but not without end: past the start limit it stays failed
+    name = "cla2-limit"
+    unit = f"{name}-r0"
+
+    def serving():
+        return host.run(f"docker top {unit} -eo pid,args | grep -q 'cla2 serve'").rc == 0
+
+    try:
+        res = play(inference_service_name=name, inference_service_port=19460, inference_service_device_groups=[[1]],
+                   inference_service_start_limit_burst=2, inference_service_smoke_test=False,
+                   inference_service_web=False)
+        assert res.returncode == 0, res.stdout[-3000:]
+        assert host.check_output(f"systemctl show -p StartLimitBurst --value {unit}") == "2"
+        assert host.check_output(f"systemctl show -p StartLimitIntervalUSec --value {unit}") == "10min"
+        host.check_output(f"systemctl reset-failed {unit}")  # the deploy's own starts no longer count
+        restarts = int(host.check_output(f"systemctl show -p NRestarts --value {unit}"))
+        for _ in range(2):  # 2 restarts within the limit
+            host.check_output(f"kill -9 {serve_pid(host, unit)}")
+            wait_until(lambda n=restarts: int(host.check_output(f"systemctl show -p NRestarts --value {unit}")) > n, 60,
+                       "systemd restarts the killed replica")
+            restarts += 1
+            wait_until(serving, 60, "the restarted replica runs cla2 serve")
+        host.check_output(f"kill -9 {serve_pid(host, unit)}")  # a 3rd start would pass the limit
+        wait_until(lambda: host.check_output(f"systemctl is-active {unit} || true") == "failed", 60,
+                   "systemd gives up at the start limit")
+        time.sleep(5)
+        assert host.check_output(f"systemctl is-active {unit} || true") == "failed"
+        assert "Start request repeated too quickly" in host.check_output(f"journalctl -u {unit} --no-pager -n 20")
+        assert not serving()
+    finally:
+        remove_service(host, name)
+    assert haproxy_status(host) == {"r0": "UP", "r1": "UP"}
+
+
+def slow_chat(url, wait, codes):
+    """A chat completion whose body arrives ``wait`` s after its headers: in flight at the endpoint meanwhile."""
+    ip, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"messages": [{"role": "user", "content": "你好"}], "max_tokens": 4}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {ip}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection((ip, int(port)), timeout=60) as sock:
+        sock.sendall(head + body[:5])
+        time.sleep(wait)
+        sock.sendall(body[5:])
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    codes.append(int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else answer[:200])
+
+
+def test_drain_for_a_reboot_lets_requests_finish_then_stops_and_ready_waits_for_the_replicas(host):
+    # mlu_driver's rolling reboot runs these two around the reboot (mlu_driver_reboot_drain_command/_ready_command)
+    url = address(host)
+    ready = host.run("/usr/local/sbin/cla2-serve-ready")
+    assert ready.rc == 0 and f"{NAME}: serving (2 replicas UP)" in ready.stdout, ready.stdout + ready.stderr
+    codes = []
+    # a request in flight when the drain begins (its body comes 5 s later): the drain must wait for its answer
+    client = threading.Thread(target=slow_chat, args=(url, 5, codes))
+    try:
+        client.start()
+        time.sleep(0.5)
+        drained = host.run("/usr/local/sbin/cla2-serve-drain")
+        assert drained.rc == 0, drained.stdout + drained.stderr
+        assert "endpoint closed to new connections" in drained.stdout
+        client.join(30)
+        # answered whole, although the replicas stopped right after the drain
+        assert codes == [200], codes
+        for unit in [NAME] + [f"{NAME}-r{r}" for r in REPLICAS]:
+            assert not host.service(unit).is_running and host.service(unit).is_enabled
+        with pytest.raises(requests.ConnectionError):
+            chat(url, timeout=10)  # a load balancer in front now sends this host nothing
+        not_ready = host.run("/usr/local/sbin/cla2-serve-ready")
+        assert not_ready.rc == 1 and f"{NAME}: not running" in not_ready.stdout
+    finally:
+        host.run(f"systemctl start {NAME}-r0 {NAME}-r1 {NAME}")  # what the boot does
+    wait_until(lambda: host.run("/usr/local/sbin/cla2-serve-ready").rc == 0, 180, "the replicas serve again")
+    assert chat(url).status_code == 200
