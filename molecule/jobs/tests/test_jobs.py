@@ -16,14 +16,23 @@ def inspect(host, name):
     return json.loads(out)[0]
 
 
-def test_runtime_container_running_unprivileged_with_host_ipc(host):
+def test_runtime_container_running_unprivileged_and_confined(host):
     info = inspect(host, CONTAINER)
     assert info["State"]["Running"]
     hc = info["HostConfig"]
     assert hc["Privileged"] is False
-    assert hc["IpcMode"] == "host"
     assert hc["NetworkMode"] == "host"
     assert hc["RestartPolicy"]["Name"] == "unless-stopped"
+    # its own IPC namespace (a job's ranks share it) with a /dev/shm big enough for their buffers
+    assert hc["IpcMode"] == "private" and hc["ShmSize"] == 32 * 1024**3
+    assert "no-new-privileges" in hc["SecurityOpt"] and hc["CapDrop"] == ["ALL"] and not hc["CapAdd"]
+    assert hc["PidsLimit"] == 32768
+    memtotal_kib = int(host.check_output("awk '/^MemTotal:/ {print $2}' /proc/meminfo"))
+    assert hc["Memory"] == int(memtotal_kib * 0.9) * 1024 == hc["MemorySwap"]
+    # what a job runs as: no capability, none to gain
+    status = host.check_output(f"docker exec {CONTAINER} cat /proc/self/status")
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    assert fields["CapEff"].strip() == "0000000000000000" and fields["NoNewPrivs"].strip() == "1"
 
 
 def test_runtime_container_gets_exactly_the_host_devices(host):
