@@ -557,3 +557,31 @@ def test_rows_leaving_from_the_middle_and_a_growing_mask_keep_outputs_equal(engi
     single = [engine.generate([p], sp)[0] for p, sp in zip(prompts, params, strict=True)]
     assert [r.token_ids for r in batched] == [r.token_ids for r in single]
     assert [r.completion_tokens for r in batched] == [7, 30, 12, 25, 20]
+
+
+def test_waiting_requests_are_prefilled_together_and_generate_what_they_generate_alone(engine):
+    """Requests that wait together are prefilled in one (left-padded) forward; each generates what it
+    generates alone. A prompt that fails in that forward fails alone: the others are prefilled one by one."""
+    prompts = ["你好", "很长" * 25, "a b c d", "测试"]
+    params = [SamplingParams(temperature=0, max_new_tokens=15), SamplingParams(max_new_tokens=15, seed=7),
+              SamplingParams(temperature=0, max_new_tokens=15, repetition_penalty=1.0),
+              SamplingParams(temperature=0.9, max_new_tokens=15, seed=8, repetition_penalty=1.3)]
+    single = [engine.generate([p], sp)[0] for p, sp in zip(prompts, params, strict=True)]
+    results: list = [None] * 4
+    before = engine.prefills
+    with engine._cv:  # hold the loop: all four wait when it next looks
+        for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+            engine.submit(p, sp, lambda ev, i=i: ev.result is not None and results.__setitem__(i, ev.result))
+    assert wait_until(lambda: all(results), timeout=60)
+    assert engine.prefills - before == 1
+    assert [r.token_ids for r in results] == [r.token_ids for r in single]
+    bad = [1, engine.vocab_size + 5, 3]  # an id beyond the embedding: its forward fails
+    results = [None] * 3
+    before = engine.prefills
+    with engine._cv:
+        for i, p in enumerate([prompts[0], bad, prompts[2]]):
+            engine.submit(p, params[i], lambda ev, i=i: ev.result is not None and results.__setitem__(i, ev.result))
+    assert wait_until(lambda: all(results), timeout=60)
+    assert results[1].finish_reason == "error" and results[0].error is None and results[2].error is None
+    assert results[0].token_ids == single[0].token_ids and results[2].token_ids == single[2].token_ids
+    assert engine.prefills - before == 2  # the shared forward failed; the two good ones ran alone

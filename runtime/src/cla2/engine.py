@@ -488,6 +488,9 @@ def _stacked(old: torch.Tensor, new: torch.Tensor, total: int) -> torch.Tensor:
     return out
 
 
+# Padded prompt tokens that one prefill forward of several requests may hold (one prompt alone may be longer).
+PREFILL_TOKENS = 2048
+
 # Columns the attention mask buffer gets beyond the cache's length when a request joins or leaves (it
 # doubles when the batch outgrows it).
 MASK_HEADROOM = 256
@@ -640,6 +643,7 @@ class Engine:
         self._cv = threading.Condition()
         self._closed = False
         self.steps = 0  # decode steps run (tests read it to see batching happen)
+        self.prefills = 0  # prefill forwards run (several waiting requests share one)
         self.max_running = 0  # the largest batch seen
         self.decode_graphs = self._static_wanted(decode_graphs)
         # torch.compile options of the static step: CUDA graphs on CUDA; elsewhere the step runs eagerly.
@@ -844,36 +848,92 @@ class Engine:
 
     @torch.inference_mode()
     def _admit(self) -> None:
+        """Prefill the waiting requests the batch has room for, all in one forward, and join them."""
         while len(self._active) < self.max_batch_size:
             with self._cv:
-                if not self._waiting:
-                    return
-                req = self._waiting.popleft()
+                batch, longest = [], 0
+                while self._waiting and len(batch) < self.max_batch_size - len(self._active):
+                    n = max(longest, len(self._waiting[0].prompt_ids))
+                    if batch and (len(batch) + 1) * n > PREFILL_TOKENS:
+                        break  # the rest in the next forward: one prefill's activations stay bounded
+                    batch.append(self._waiting.popleft())
+                    longest = n
+            if not batch:
+                return
+            joining = self._prefill(batch)
+            for i, (req, cache) in enumerate(joining):
+                try:
+                    self._join(req, cache)
+                except Exception as exc:
+                    # Neither waiting nor running: without this their consumers would wait forever. The
+                    # batch may be half-joined, so the loop fails it too and starts over.
+                    for r, _ in joining[i:]:
+                        r.finish("error", error=f"{type(exc).__name__}: {exc}")
+                    raise
+
+    def _prefill(self, batch: list[Request]) -> list[tuple[Request, object]]:
+        """Run the prompts, sample each request's first token, and return those that go on, each with its
+        own cache. Several prompts run as one left-padded forward; if that fails, each runs alone, so
+        that only a request that fails alone fails."""
+        ready = []
+        for req in batch:
             if req.cancelled:
                 req.finish("cancelled")
                 continue
             try:
                 req.start(self.vocab_size, self.device)
-                ids = torch.tensor([req.prompt_ids], device=self.device)
-                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1,
-                                 **{self._cache_kw: self._DynamicCache()})
-                token = Sampler([req], self.vocab_size).sample(out.logits[:, -1], inplace=True)[0]
-                req.push(token)
-                if req.seen is not None:  # what the batch's sampler takes over when it joins
-                    req.seen = torch.cat([req.seen, req.seen.new_tensor([token])])
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
                 req.finish("error", error=f"{type(exc).__name__}: {exc}")
                 continue
-            if req.finish_reason is not None:
-                req.finish()
-                continue
+            ready.append(req)
+        runs = []
+        if len(ready) > 1:
             try:
-                self._join(req, output_cache(out))
-            except Exception as exc:
-                # Neither waiting nor running: without this its consumer would wait forever. The batch
-                # may be half-joined, so the loop fails it too and starts over.
-                req.finish("error", error=f"{type(exc).__name__}: {exc}")
-                raise
+                runs.append((ready, *self._prefilled(ready)))
+            except Exception:  # noqa: BLE001 - find out which one fails, alone
+                pass
+        if not runs:
+            for req in ready:
+                try:
+                    runs.append(([req], *self._prefilled([req])))
+                except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                    req.finish("error", error=f"{type(exc).__name__}: {exc}")
+        joining = []
+        for reqs, tokens, caches in runs:
+            for req, token, cache in zip(reqs, tokens, caches, strict=True):
+                try:
+                    req.push(token)
+                    if req.finish_reason is None and req.seen is not None:  # the batch's sampler takes it over
+                        req.seen = torch.cat([req.seen, req.seen.new_tensor([token])])
+                except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                    req.finish("error", error=f"{type(exc).__name__}: {exc}")
+                    continue
+                if req.finish_reason is not None:
+                    req.finish()
+                else:
+                    joining.append((req, cache))
+        return joining
+
+    def _prefilled(self, reqs: list[Request]) -> tuple[list[int], list]:
+        """One forward over the prompts (left-padded): each request's first token, and its own cache."""
+        lengths = [len(r.prompt_ids) for r in reqs]
+        total = max(lengths)
+        ids = torch.tensor([r.prompt_ids[:1] * (total - n) + r.prompt_ids for r, n in zip(reqs, lengths, strict=True)],
+                           device=self.device)
+        extra: dict = {}
+        if min(lengths) < total:
+            mask = torch.tensor([[0] * (total - n) + [1] * n for n in lengths], device=self.device)
+            extra = {"attention_mask": mask, "position_ids": (mask.cumsum(dim=1) - 1).clamp(min=0)}
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: self._DynamicCache()},
+                         **extra)
+        self.prefills += 1
+        caches = [output_cache(out)]
+        if len(reqs) > 1:
+            layers = [(k, v) for k, v, *_ in caches[0]]
+            caches = [filled_cache(self._DynamicCache, [(k[i:i + 1, :, total - n:], v[i:i + 1, :, total - n:])
+                                                        for k, v in layers]) for i, n in enumerate(lengths)]
+        # last: nothing after it fails, so no generator has drawn for a prefill that is then run again alone
+        return Sampler(reqs, self.vocab_size).sample(out.logits[:, -1], inplace=True), caches
 
     def _join(self, req: Request, cache) -> None:
         """Stack a prefilled request's cache onto the running batch (left padding, masked out): one copy of
