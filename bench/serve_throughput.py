@@ -78,10 +78,12 @@ def main() -> int:
     ap.add_argument("--hidden-size", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--idle-seconds", type=float, default=30.0)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of (one at a time, concurrent)")
     ap.add_argument("--model", type=Path, help="use this model folder instead of a random one")
     args = ap.parse_args()
     if args.smoke:
         args.clients, args.max_tokens, args.hidden_size, args.layers, args.idle_seconds = 4, 12, 64, 2, 2.0
+        args.rounds = 1
 
     import torch
     import uvicorn
@@ -110,15 +112,18 @@ def main() -> int:
             prompts = [f"请写一段关于第{i}个城市的介绍。" for i in range(args.clients)]
             with cf.ThreadPoolExecutor(args.clients) as ex:  # warm up every client thread's connection
                 list(ex.map(lambda p: stream_one(url, p, 2), prompts))
-            t0 = time.perf_counter()
-            with cf.ThreadPoolExecutor(1) as ex:
-                seq_tokens = sum(ex.map(lambda p: stream_one(url, p, args.max_tokens), prompts))
-            seq_s = time.perf_counter() - t0
             engine.max_running = 0
-            t0 = time.perf_counter()
-            with cf.ThreadPoolExecutor(args.clients) as ex:
-                con_tokens = sum(ex.map(lambda p: stream_one(url, p, args.max_tokens), prompts))
-            con_s = time.perf_counter() - t0
+            seq_tokens = con_tokens = 0
+            seq_s = con_s = 0.0
+            for _ in range(args.rounds):  # interleaved: a machine busy with something else slows both alike
+                t0 = time.perf_counter()
+                with cf.ThreadPoolExecutor(1) as ex:
+                    seq_tokens += sum(ex.map(lambda p: stream_one(url, p, args.max_tokens), prompts))
+                seq_s += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                with cf.ThreadPoolExecutor(args.clients) as ex:
+                    con_tokens += sum(ex.map(lambda p: stream_one(url, p, args.max_tokens), prompts))
+                con_s += time.perf_counter() - t0
             time.sleep(0.5)  # the last responses' tails
             cpu0, t0 = cpu_seconds(), time.perf_counter()
             time.sleep(args.idle_seconds)
@@ -127,12 +132,14 @@ def main() -> int:
             server.should_exit = True
             thread.join(timeout=30)
             engine.close()
-    if seq_tokens != con_tokens or seq_tokens != args.clients * args.max_tokens:
+    expected = args.rounds * args.clients * args.max_tokens
+    if seq_tokens != con_tokens or seq_tokens != expected:
         print(f"FAIL: generated {seq_tokens} tokens one at a time, {con_tokens} concurrently, "
-              f"expected {args.clients * args.max_tokens}", file=sys.stderr)
+              f"expected {expected}", file=sys.stderr)
         return 1
     seq_tps, con_tps = seq_tokens / seq_s, con_tokens / con_s
-    print(f"model: hidden {args.hidden_size}, {args.layers} layers, vocab {engine.vocab_size}; {args.clients} requests x {args.max_tokens} tokens; "
+    print(f"model: hidden {args.hidden_size}, {args.layers} layers, vocab {engine.vocab_size}; {args.clients} requests x {args.max_tokens} tokens, "
+          f"{args.rounds} rounds; "
           f"torch threads {torch.get_num_threads()}")
     print(f"one at a time : {seq_tps:8.1f} generated tokens/s ({seq_s:.2f}s)")
     print(f"{args.clients} concurrent  : {con_tps:8.1f} generated tokens/s ({con_s:.2f}s), "
