@@ -1,10 +1,16 @@
 """The one piece of code that generates text: chat, generate, serve and the web chat all call it.
 
 A background thread runs a continuous-batching loop over one batched KV cache (transformers'
-DynamicCache): a new request is prefilled on its own, its cache is left-padded and stacked onto the
-running batch, and from then on it decodes one token per step together with every other running
-request. A request that finishes, or whose consumer goes away (``Request.cancel()``), leaves the batch
-at the next step and frees its slot for a waiting one.
+DynamicCache): new requests are prefilled (those waiting together in one left-padded forward), each
+one's cache is left-padded and stacked onto the running batch, and from then on it decodes one token per
+step together with every other running request. A request that finishes, or whose consumer goes away
+(``Request.cancel()``), leaves the batch at the next step and frees its slot for a waiting one. An idle
+loop waits on a condition (no polling).
+
+A step is the model's forward plus as little as possible (issue 15): sampling runs once over the
+batch's logits (``Sampler``), and what changes only when a request joins or leaves (per-row sampling
+parameters, position ids, the attention mask, which is None when no row is padded) is built then; a
+join copies the batch's cache once, a leave of the last rows keeps views of it.
 
 A request decoding alone (the batch-1 case: `cla2 chat`, a quiet server) goes through a second path
 when ``decode_graphs`` is on (the default on CUDA): its cache is copied into a preallocated static KV
