@@ -276,9 +276,10 @@ class Sampler:
     instead of a pass over the whole vocabulary. Each row draws from its own request's generator, so a
     request samples the same tokens in any batch as alone."""
 
-    def __init__(self, rows: Sequence[Request] = (), vocab_size: int = 0):
+    def __init__(self, rows: Sequence[Request] = (), vocab_size: int = 0, device: torch.device | None = None):
         self.rows: list[Request] = []
         self.vocab_size = vocab_size
+        self.device = device or torch.device("cpu")  # where the logits come out
         self.seen: torch.Tensor | None = None  # [rows, n] ids whose logits the penalty changes
         for r in rows:
             self.join(r)
@@ -291,7 +292,7 @@ class Sampler:
         if seen is None and req.seen is not None:
             seen = req.seen[None]
         if self.seen is not None or seen is not None:
-            device = (seen if seen is not None else self.seen).device
+            device = self.device
             if seen is None:  # a row without a penalty: any id will do, the factor is 1
                 seen = torch.zeros(1, 1, dtype=torch.long, device=device)
             if self.seen is None:
@@ -301,7 +302,7 @@ class Sampler:
                 self.seen = torch.cat([self.seen, self.seen[:, :1].expand(-1, m - n)], dim=1)
             elif m < n:
                 seen = torch.cat([seen, seen[:, :1].expand(-1, n - m)], dim=1)
-            self.seen = torch.cat([self.seen, seen])
+            self.seen = torch.cat([self.seen, seen.to(device)])
         self.rows.append(req)
         self._prepare()
 
@@ -317,7 +318,7 @@ class Sampler:
         self._prepare()
 
     def _prepare(self) -> None:
-        rows, dev = self.rows, None if self.seen is None else self.seen.device
+        rows, dev = self.rows, self.device
         ps = [r.params for r in rows]
         self.penalty = None
         if self.seen is not None and any(p.repetition_penalty != 1.0 for p in ps):
@@ -331,8 +332,10 @@ class Sampler:
         self.groups = []
         for k, idx in groups.items():
             top_p = [ps[i].top_p if ps[i].top_p < 1.0 else float("inf") for i in idx]
-            self.groups.append((k, idx, torch.tensor(idx), torch.tensor([[ps[i].temperature] for i in idx]),
-                                None if all(t == float("inf") for t in top_p) else torch.tensor([[t] for t in top_p])))
+            self.groups.append((k, idx, torch.tensor(idx, device=dev),
+                                torch.tensor([[ps[i].temperature] for i in idx], device=dev),
+                                None if all(t == float("inf") for t in top_p) else torch.tensor([[t] for t in top_p],
+                                                                                                 device=dev)))
 
     def sample(self, logits: torch.Tensor, inplace: bool = False) -> list[int]:
         """One token per row from ``logits`` [rows, vocab]. ``inplace``: the logits may be overwritten."""
@@ -846,7 +849,7 @@ class Engine:
     def _clear(self) -> None:
         """No running batch (nothing of one kept)."""
         self._active, self._cache, self._static = [], None, None
-        self._sampler = Sampler(vocab_size=self.vocab_size)
+        self._sampler = Sampler(vocab_size=self.vocab_size, device=self.device)
         self._pads: list[int] = []  # padding columns at the left of each row of the cache
         self._len = 0  # columns in the cache
         self._mask_buf: torch.Tensor | None = None  # [rows, capacity]: the attention mask, None when no padding
@@ -939,7 +942,7 @@ class Engine:
             caches = [filled_cache(self._DynamicCache, [(k[i:i + 1, :, total - n:], v[i:i + 1, :, total - n:])
                                                         for k, v in layers]) for i, n in enumerate(lengths)]
         # last: nothing after it fails, so no generator has drawn for a prefill that is then run again alone
-        return Sampler(reqs, self.vocab_size).sample(out.logits[:, -1], inplace=True), caches
+        return Sampler(reqs, self.vocab_size, self.device).sample(out.logits[:, -1], inplace=True), caches
 
     def _join(self, req: Request, cache) -> None:
         """Stack a prefilled request's cache onto the running batch (left padding, masked out): one copy of
