@@ -306,10 +306,6 @@ class Sampler:
         self.rows.append(req)
         self._prepare()
 
-    def merge(self, other: Sampler) -> None:
-        for i, r in enumerate(other.rows):
-            self.join(r, None if other.seen is None else other.seen[i:i + 1])
-
     def keep(self, keep: list[int]) -> None:
         """Only these rows stay (in this order)."""
         self.rows = [self.rows[i] for i in keep]
