@@ -13,6 +13,7 @@ run "$rt" bench/merge_memory.py --smoke
 run "$rt" bench/convert_memory.py --smoke
 run "$rt" bench/train_throughput.py --smoke
 run "$rt" bench/serve_throughput.py --smoke
+run "$rt" bench/engine_speed.py --smoke   # the engine against a bare transformers loop (issue 15)
 run "$rt" bench/eval_speed.py --smoke
 run "$rt" bench/gpu_decode.py --smoke   # the decode path of the GPU bench, on a small model on the CPU
 run "$rt" bench/plan_memory.py --smoke   # the plan's estimate against the measured peak (ratios only)

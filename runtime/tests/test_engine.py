@@ -464,3 +464,124 @@ def test_a_burst_on_an_idle_engine_is_not_refused(engine):
         assert all(r.finish_reason in ("stop", "length") for r in reqs)
     finally:
         e.close()
+
+
+# ---- the batch's sampler and the batch's bookkeeping (issue 15) ---------------------------------------
+
+
+def _sample_one(params: SamplingParams, seen: set[int], logits: torch.Tensor, generator: torch.Generator) -> int:
+    """One request's token the plain way, one pass over the vocabulary per operation (what the engine
+    did per request before its sampler was vectorised over the batch)."""
+    logits = logits.float()
+    if params.repetition_penalty != 1.0:
+        mask = torch.zeros(logits.shape[-1], dtype=torch.bool)
+        mask[list(seen)] = True
+        penalized = torch.where(logits < 0, logits * params.repetition_penalty, logits / params.repetition_penalty)
+        logits = torch.where(mask, penalized, logits)
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        values, indices = torch.topk(logits, params.top_k)
+    else:
+        values, indices = torch.sort(logits, descending=True)
+    probs = torch.softmax(values, dim=-1)
+    if params.top_p < 1.0:
+        before = torch.cumsum(probs, dim=-1) - probs
+        probs = probs.masked_fill(before >= params.top_p, 0.0)
+    return int(indices[int(torch.multinomial(probs, 1, generator=generator))])
+
+
+def test_the_batch_sampler_draws_what_each_request_would_alone(engine):
+    """Rows with different parameters, sampled together for 30 steps (rows leaving and joining on the
+    way), draw exactly the tokens each request draws alone from the same logits and its own generator."""
+    from cla2.engine import Request, Sampler
+
+    vocab = 3000
+    params = [SamplingParams(temperature=0, seed=1),
+              SamplingParams(temperature=0, repetition_penalty=1.0, seed=2),
+              SamplingParams(temperature=0.8, top_k=0, top_p=0.7, seed=3),
+              SamplingParams(temperature=1.3, top_k=5, top_p=1.0, repetition_penalty=1.5, seed=4),
+              SamplingParams(temperature=0.5, top_k=40, top_p=0.9, repetition_penalty=0.8, seed=5),
+              SamplingParams(temperature=1.0, top_k=vocab + 10, top_p=1.0, repetition_penalty=1.0, seed=6)]
+    prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 14, 15], [1, 2], [3, 4, 5, 6]]
+
+    def request(i: int) -> Request:
+        r = Request(prompts[i], params[i], lambda e: None, engine.tokenizer, set(), 100)
+        r.start(vocab, torch.device("cpu"))
+        return r
+
+    torch.manual_seed(0)
+    logits = torch.randn(30, len(params), vocab) * 4
+    ref_gens = [torch.Generator().manual_seed(p.seed) for p in params]
+    seen = [set(p) for p in prompts]
+    rows = [request(i) for i in range(4)]
+    which = list(range(4))  # the request (index into params) each row holds
+    sampler = Sampler(rows, vocab)
+    for step in range(30):
+        batch = logits[step, which]
+        got = sampler.sample(batch.clone(), inplace=step % 2 == 0)
+        want = [_sample_one(params[i], seen[i], logits[step, i], ref_gens[i]) for i in which]
+        assert got == want, f"step {step}"
+        for i, t in zip(which, got, strict=True):
+            seen[i].add(t)
+        sampler.add(got)
+        if step == 9:  # rows 0 and 2 leave (from the front and the middle), a newcomer joins
+            sampler.keep([1, 3])
+            which = [which[1], which[3]]
+            sampler.join(request(4))
+            which.append(4)
+        if step == 19:
+            sampler.keep([2, 0])
+            which = [which[2], which[0]]
+            sampler.join(request(5))
+            which.append(5)
+
+
+def test_rows_leaving_from_the_middle_and_a_growing_mask_keep_outputs_equal(engine, monkeypatch):
+    """Requests of different lengths and parameters: rows leave from the front and the middle of a padded
+    batch, and the attention mask's buffer outgrows its headroom; each still generates what it generates
+    alone."""
+    from cla2 import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "MASK_HEADROOM", 3)
+    prompts = ["你好", "很长" * 30, "a b c d", "测试一下吧", "从前"]
+    params = [SamplingParams(temperature=0, max_new_tokens=7),
+              SamplingParams(max_new_tokens=30, seed=3, top_k=0, top_p=0.8),
+              SamplingParams(temperature=0, max_new_tokens=12, repetition_penalty=1.0),
+              SamplingParams(temperature=0.7, max_new_tokens=25, seed=9, repetition_penalty=1.3, top_p=1.0),
+              SamplingParams(temperature=0, max_new_tokens=20, repetition_penalty=1.2)]
+    engine.max_running = 0
+    batched = engine.generate(prompts, params)
+    assert engine.max_running == 4
+    single = [engine.generate([p], sp)[0] for p, sp in zip(prompts, params, strict=True)]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in single]
+    assert [r.completion_tokens for r in batched] == [7, 30, 12, 25, 20]
+
+
+def test_waiting_requests_are_prefilled_together_and_generate_what_they_generate_alone(engine):
+    """Requests that wait together are prefilled in one (left-padded) forward; each generates what it
+    generates alone. A prompt that fails in that forward fails alone: the others are prefilled one by one."""
+    prompts = ["你好", "很长" * 25, "a b c d", "测试"]
+    params = [SamplingParams(temperature=0, max_new_tokens=15), SamplingParams(max_new_tokens=15, seed=7),
+              SamplingParams(temperature=0, max_new_tokens=15, repetition_penalty=1.0),
+              SamplingParams(temperature=0.9, max_new_tokens=15, seed=8, repetition_penalty=1.3)]
+    single = [engine.generate([p], sp)[0] for p, sp in zip(prompts, params, strict=True)]
+    results: list = [None] * 4
+    before = engine.prefills
+    with engine._cv:  # hold the loop: all four wait when it next looks
+        for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+            engine.submit(p, sp, lambda ev, i=i: ev.result is not None and results.__setitem__(i, ev.result))
+    assert wait_until(lambda: all(results), timeout=60)
+    assert engine.prefills - before == 1
+    assert [r.token_ids for r in results] == [r.token_ids for r in single]
+    bad = [1, engine.vocab_size + 5, 3]  # an id beyond the embedding: its forward fails
+    results = [None] * 3
+    before = engine.prefills
+    with engine._cv:
+        for i, p in enumerate([prompts[0], bad, prompts[2]]):
+            engine.submit(p, params[i], lambda ev, i=i: ev.result is not None and results.__setitem__(i, ev.result))
+    assert wait_until(lambda: all(results), timeout=60)
+    assert results[1].finish_reason == "error" and results[0].error is None and results[2].error is None
+    assert results[0].token_ids == single[0].token_ids and results[2].token_ids == single[2].token_ids
+    assert engine.prefills - before == 2  # the shared forward failed; the two good ones ran alone

@@ -1,10 +1,16 @@
 """The one piece of code that generates text: chat, generate, serve and the web chat all call it.
 
 A background thread runs a continuous-batching loop over one batched KV cache (transformers'
-DynamicCache): a new request is prefilled on its own, its cache is left-padded and stacked onto the
-running batch, and from then on it decodes one token per step together with every other running
-request. A request that finishes, or whose consumer goes away (``Request.cancel()``), leaves the batch
-at the next step and frees its slot for a waiting one.
+DynamicCache): new requests are prefilled (those waiting together in one left-padded forward), each
+one's cache is left-padded and stacked onto the running batch, and from then on it decodes one token per
+step together with every other running request. A request that finishes, or whose consumer goes away
+(``Request.cancel()``), leaves the batch at the next step and frees its slot for a waiting one. An idle
+loop waits on a condition (no polling).
+
+A step is the model's forward plus as little as possible (issue 15): sampling runs once over the
+batch's logits (``Sampler``), and what changes only when a request joins or leaves (per-row sampling
+parameters, position ids, the attention mask, which is None when no row is padded) is built then; a
+join copies the batch's cache once, a leave of the last rows keeps views of it.
 
 A request decoding alone (the batch-1 case: `cla2 chat`, a quiet server) goes through a second path
 when ``decode_graphs`` is on (the default on CUDA): its cache is copied into a preallocated static KV
@@ -160,9 +166,10 @@ class IncrementalDetokenizer:
 class Request:
     """One generation in flight. Consumers get ``Event``s through ``sink`` (called on the engine thread).
 
-    A waiting request holds host memory only (its prompt ids); what it needs on the device (the
-    vocabulary-sized mask of seen tokens for the repetition penalty) is made by ``start``, when the engine
-    admits it to the batch, so a long queue costs no device memory."""
+    A waiting request holds host memory only (its prompt ids); what it needs on the device (the ids of
+    the prompt's tokens, which the repetition penalty changes) is made by ``start``, when the engine admits
+    it to the batch, so a long queue costs no device memory. From then on the batch's ``Sampler`` keeps
+    the ids it has seen, for all its rows at once."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Event], None],
                  tokenizer, eos_ids: set[int], max_new_tokens: int):
@@ -189,11 +196,11 @@ class Request:
         self.seen: torch.Tensor | None = None
 
     def start(self, vocab_size: int, device: torch.device) -> None:
-        """Admitted to the batch: allocate what sampling needs on the device."""
+        """Admitted to the batch: put what sampling needs on the device (the prompt's token ids, for the
+        repetition penalty; at least one, as the sampler's rows need one)."""
         if self.params.repetition_penalty != 1.0 and self.seen is None:
-            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            ids = torch.tensor([i for i in self.prompt_ids if 0 <= i < vocab_size], dtype=torch.long)
-            self.seen[ids.to(device)] = True
+            ids = [i for i in self.prompt_ids if 0 <= i < vocab_size] or [0]
+            self.seen = torch.tensor(ids, dtype=torch.long).to(device)
 
     def cancel(self) -> None:
         """The consumer went away: the engine drops the request at its next step."""
@@ -225,8 +232,6 @@ class Request:
             self.text += self.detok.flush()
             return
         self.output_ids.append(token_id)
-        if self.seen is not None:
-            self.seen[token_id] = True
         delta = self.detok.add(token_id)
         if len(self.output_ids) >= self.max_new_tokens:
             delta += self.detok.flush()
@@ -258,6 +263,109 @@ class Request:
         self.seen = None  # the device memory goes with the request, not with whoever still holds it
         self.sink(Event(result=result))
         return result
+
+
+class Sampler:
+    """Sampling for a batch's rows: one pass over the batch's logits per step, not one per request.
+
+    What only changes when a request joins or leaves (each row's temperature, top-p and penalty as
+    tensors, which rows are greedy, the rows grouped by top-k) is built then, not at every step. The
+    repetition penalty changes only the logits of the tokens a row has seen (HF's definition: divided by
+    it when positive, multiplied when negative), so it is a gather and a scatter over ``seen``, a
+    [rows, tokens seen] matrix of ids (a shorter row is padded with a repeat of one of its own ids),
+    instead of a pass over the whole vocabulary. Each row draws from its own request's generator, so a
+    request samples the same tokens in any batch as alone."""
+
+    def __init__(self, rows: Sequence[Request] = (), vocab_size: int = 0, device: torch.device | None = None):
+        self.rows: list[Request] = []
+        self.vocab_size = vocab_size
+        self.device = device or torch.device("cpu")  # where the logits come out
+        self.seen: torch.Tensor | None = None  # [rows, n] ids whose logits the penalty changes
+        for r in rows:
+            self.join(r)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def join(self, req: Request, seen: torch.Tensor | None = None) -> None:
+        """Add a row (last); ``seen``: its [1, n] ids when it carries more than its prompt's."""
+        if seen is None and req.seen is not None:
+            seen = req.seen[None]
+        if self.seen is not None or seen is not None:
+            device = self.device
+            if seen is None:  # a row without a penalty: any id will do, the factor is 1
+                seen = torch.zeros(1, 1, dtype=torch.long, device=device)
+            if self.seen is None:
+                self.seen = torch.zeros(len(self.rows), 1, dtype=torch.long, device=device)
+            n, m = self.seen.shape[1], seen.shape[1]
+            if n < m:
+                self.seen = torch.cat([self.seen, self.seen[:, :1].expand(-1, m - n)], dim=1)
+            elif m < n:
+                seen = torch.cat([seen, seen[:, :1].expand(-1, n - m)], dim=1)
+            self.seen = torch.cat([self.seen, seen.to(device)])
+        self.rows.append(req)
+        self._prepare()
+
+    def keep(self, keep: list[int]) -> None:
+        """Only these rows stay (in this order)."""
+        self.rows = [self.rows[i] for i in keep]
+        if self.seen is not None:
+            self.seen = self.seen[torch.tensor(keep, device=self.seen.device)] if self.rows else None
+        self._prepare()
+
+    def _prepare(self) -> None:
+        rows, dev = self.rows, self.device
+        ps = [r.params for r in rows]
+        self.penalty = None
+        if self.seen is not None and any(p.repetition_penalty != 1.0 for p in ps):
+            self.penalty = torch.tensor([[p.repetition_penalty] for p in ps], device=dev)
+        self.greedy = [i for i, p in enumerate(ps) if p.temperature == 0]
+        # rows that sample, grouped by top_k (one top-k per group): (k, rows, temperatures, top-p or None)
+        groups: dict[int, list[int]] = collections.defaultdict(list)
+        for i, p in enumerate(ps):
+            if p.temperature != 0:
+                groups[p.top_k if 0 < p.top_k < self.vocab_size else 0].append(i)
+        self.groups = []
+        for k, idx in groups.items():
+            top_p = [ps[i].top_p if ps[i].top_p < 1.0 else float("inf") for i in idx]
+            self.groups.append((k, idx, torch.tensor(idx, device=dev),
+                                torch.tensor([[ps[i].temperature] for i in idx], device=dev),
+                                None if all(t == float("inf") for t in top_p) else torch.tensor([[t] for t in top_p],
+                                                                                                 device=dev)))
+
+    def sample(self, logits: torch.Tensor, inplace: bool = False) -> list[int]:
+        """One token per row from ``logits`` [rows, vocab]. ``inplace``: the logits may be overwritten."""
+        logits = logits.float()
+        if self.penalty is not None:
+            seen = self.seen.to(logits.device)
+            g = logits.gather(1, seen)
+            g = torch.where(g < 0, g * self.penalty.to(logits.device), g / self.penalty.to(logits.device))
+            logits = logits.scatter_(1, seen, g) if inplace else logits.scatter(1, seen, g)
+        greedy = torch.argmax(logits, dim=-1) if self.greedy else None
+        drawn = []
+        for k, idx, index, temperature, top_p in self.groups:
+            rows = logits if len(idx) == len(self.rows) else logits.index_select(0, index.to(logits.device))
+            rows = rows / temperature.to(logits.device)
+            values, indices = torch.topk(rows, k) if k else torch.sort(rows, dim=-1, descending=True)
+            probs = torch.softmax(values, dim=-1)
+            if top_p is not None:
+                before = torch.cumsum(probs, dim=-1) - probs
+                probs = probs.masked_fill(before >= top_p.to(probs.device), 0.0)
+            # One wait on the device per step (the host needs the tokens to stream them): the candidates'
+            # ids are queued for copying first, the blocking copy of their probabilities then covers both.
+            drawn.append((idx, indices.to("cpu", non_blocking=True), probs))
+        tokens = greedy.tolist() if greedy is not None else [0] * len(self.rows)
+        for idx, indices, probs in drawn:
+            probs = probs.cpu()
+            for j, i in enumerate(idx):
+                choice = torch.multinomial(probs[j], 1, generator=self.rows[i].generator)
+                tokens[i] = int(indices[j, int(choice)])
+        return tokens
+
+    def add(self, tokens: list[int]) -> None:
+        """Each row's new token is seen from now on."""
+        if self.penalty is not None:
+            self.seen = torch.cat([self.seen, torch.tensor(tokens, device=self.seen.device)[:, None]], dim=1)
 
 
 def replica_device_map(net_skeleton, layer_groups: list[list[int]], torch_devices: list) -> dict:
@@ -373,11 +481,24 @@ def filled_cache(cls, layers) -> object:
     return cache
 
 
-def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
-    """Left-pad a [B, H, T, D] cache tensor with n zero positions."""
-    if n == 0:
-        return t
-    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], n, t.shape[3]), t], dim=2)
+def _stacked(old: torch.Tensor, new: torch.Tensor, total: int) -> torch.Tensor:
+    """[B, H, T, D] cache tensors ``old`` and ``new`` as one of B + B' rows and ``total`` positions, each
+    left-padded with zeros: one allocation, each value copied once."""
+    b, n, m = old.shape[0], old.shape[2], new.shape[2]
+    out = old.new_empty(b + new.shape[0], old.shape[1], total, old.shape[3])
+    out[:b, :, :total - n].zero_()
+    out[:b, :, total - n:] = old
+    out[b:, :, :total - m].zero_()
+    out[b:, :, total - m:] = new.to(out.device)
+    return out
+
+
+# Padded prompt tokens that one prefill forward of several requests may hold (one prompt alone may be longer).
+PREFILL_TOKENS = 2048
+
+# Columns the attention mask buffer gets beyond the cache's length when a request joins or leaves (it
+# doubles when the batch outgrows it).
+MASK_HEADROOM = 256
 
 
 # The static cache is sized to what the lone request may still need, rounded up to a power of two: a few
@@ -523,12 +644,11 @@ class Engine:
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self._waiting: collections.deque[Request] = collections.deque()
-        self._active: list[Request] = []
-        self._cache = None
-        self._mask: torch.Tensor | None = None
+        self._clear()
         self._cv = threading.Condition()
         self._closed = False
         self.steps = 0  # decode steps run (tests read it to see batching happen)
+        self.prefills = 0  # prefill forwards run (several waiting requests share one)
         self.max_running = 0  # the largest batch seen
         self.decode_graphs = self._static_wanted(decode_graphs)
         # torch.compile options of the static step: CUDA graphs on CUDA; elsewhere the step runs eagerly.
@@ -720,81 +840,137 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - a failed step must not kill the server
                 for r in self._active:
                     r.finish("error", error=f"{type(exc).__name__}: {exc}")
-                self._active, self._cache, self._mask, self._static = [], None, None, None
+                self._clear()
 
-    def _sample(self, req: Request, logits: torch.Tensor) -> int:
-        p = req.params
-        logits = logits.float()
-        if req.seen is not None:
-            penalized = torch.where(logits < 0, logits * p.repetition_penalty, logits / p.repetition_penalty)
-            logits = torch.where(req.seen, penalized, logits)
-        if p.temperature == 0:
-            return int(torch.argmax(logits))
-        logits = logits / p.temperature
-        if 0 < p.top_k < logits.shape[-1]:
-            values, indices = torch.topk(logits, p.top_k)
-        else:
-            values, indices = torch.sort(logits, descending=True)
-        probs = torch.softmax(values, dim=-1)
-        if p.top_p < 1.0:
-            before = torch.cumsum(probs, dim=-1) - probs
-            probs = probs.masked_fill(before >= p.top_p, 0.0)
-        # One wait on the device per token (the host needs the token to stream it): the candidates' ids
-        # are queued for copying first, the blocking copy of their probabilities then covers both.
-        indices = indices.to("cpu", non_blocking=True)
-        choice = torch.multinomial(probs.cpu(), 1, generator=req.generator)
-        return int(indices[int(choice)])
+    def _clear(self) -> None:
+        """No running batch (nothing of one kept)."""
+        self._active, self._cache, self._static = [], None, None
+        self._sampler = Sampler(vocab_size=self.vocab_size, device=self.device)
+        self._pads: list[int] = []  # padding columns at the left of each row of the cache
+        self._len = 0  # columns in the cache
+        self._mask_buf: torch.Tensor | None = None  # [rows, capacity]: the attention mask, None when no padding
+        self._positions: torch.Tensor | None = None  # [rows, 1]: the position of each row's next input token
 
     @torch.inference_mode()
     def _admit(self) -> None:
+        """Prefill the waiting requests the batch has room for, all in one forward, and join them."""
         while len(self._active) < self.max_batch_size:
             with self._cv:
-                if not self._waiting:
-                    return
-                req = self._waiting.popleft()
+                batch, longest = [], 0
+                while self._waiting and len(batch) < self.max_batch_size - len(self._active):
+                    n = max(longest, len(self._waiting[0].prompt_ids))
+                    if batch and (len(batch) + 1) * n > PREFILL_TOKENS:
+                        break  # the rest in the next forward: one prefill's activations stay bounded
+                    batch.append(self._waiting.popleft())
+                    longest = n
+            if not batch:
+                return
+            joining = self._prefill(batch)
+            for i, (req, cache) in enumerate(joining):
+                try:
+                    self._join(req, cache)
+                except Exception as exc:
+                    # Neither waiting nor running: without this their consumers would wait forever. The
+                    # batch may be half-joined, so the loop fails it too and starts over.
+                    for r, _ in joining[i:]:
+                        r.finish("error", error=f"{type(exc).__name__}: {exc}")
+                    raise
+
+    def _prefill(self, batch: list[Request]) -> list[tuple[Request, object]]:
+        """Run the prompts, sample each request's first token, and return those that go on, each with its
+        own cache. Several prompts run as one left-padded forward; if that fails, each runs alone, so
+        that only a request that fails alone fails."""
+        ready = []
+        for req in batch:
             if req.cancelled:
                 req.finish("cancelled")
                 continue
             try:
                 req.start(self.vocab_size, self.device)
-                ids = torch.tensor([req.prompt_ids], device=self.device)
-                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1,
-                                 **{self._cache_kw: self._DynamicCache()})
-                req.push(self._sample(req, out.logits[0, -1]))
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
                 req.finish("error", error=f"{type(exc).__name__}: {exc}")
                 continue
-            if req.finish_reason is not None:
-                req.finish()
-                continue
+            ready.append(req)
+        runs = []
+        if len(ready) > 1:
             try:
-                self._join(req, output_cache(out))
-            except Exception as exc:
-                # Neither waiting nor running: without this its consumer would wait forever. The batch
-                # may be half-joined, so the loop fails it too and starts over.
-                req.finish("error", error=f"{type(exc).__name__}: {exc}")
-                raise
+                runs.append((ready, *self._prefilled(ready)))
+            except Exception:  # noqa: BLE001 - find out which one fails, alone
+                pass
+        if not runs:
+            for req in ready:
+                try:
+                    runs.append(([req], *self._prefilled([req])))
+                except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                    req.finish("error", error=f"{type(exc).__name__}: {exc}")
+        joining = []
+        for reqs, tokens, caches in runs:
+            for req, token, cache in zip(reqs, tokens, caches, strict=True):
+                try:
+                    req.push(token)
+                    if req.finish_reason is None and req.seen is not None:  # the batch's sampler takes it over
+                        req.seen = torch.cat([req.seen, req.seen.new_tensor([token])])
+                except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                    req.finish("error", error=f"{type(exc).__name__}: {exc}")
+                    continue
+                if req.finish_reason is not None:
+                    req.finish()
+                else:
+                    joining.append((req, cache))
+        return joining
+
+    def _prefilled(self, reqs: list[Request]) -> tuple[list[int], list]:
+        """One forward over the prompts (left-padded): each request's first token, and its own cache."""
+        lengths = [len(r.prompt_ids) for r in reqs]
+        total = max(lengths)
+        ids = torch.tensor([r.prompt_ids[:1] * (total - n) + r.prompt_ids for r, n in zip(reqs, lengths, strict=True)],
+                           device=self.device)
+        extra: dict = {}
+        if min(lengths) < total:
+            mask = torch.tensor([[0] * (total - n) + [1] * n for n in lengths], device=self.device)
+            extra = {"attention_mask": mask, "position_ids": (mask.cumsum(dim=1) - 1).clamp(min=0)}
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: self._DynamicCache()},
+                         **extra)
+        self.prefills += 1
+        caches = [output_cache(out)]
+        if len(reqs) > 1:
+            layers = [(k, v) for k, v, *_ in caches[0]]
+            caches = [filled_cache(self._DynamicCache, [(k[i:i + 1, :, total - n:], v[i:i + 1, :, total - n:])
+                                                        for k, v in layers]) for i, n in enumerate(lengths)]
+        # last: nothing after it fails, so no generator has drawn for a prefill that is then run again alone
+        return Sampler(reqs, self.vocab_size, self.device).sample(out.logits[:, -1], inplace=True), caches
 
     def _join(self, req: Request, cache) -> None:
-        """Stack a prefilled request's cache onto the running batch (left padding, masked out)."""
+        """Stack a prefilled request's cache onto the running batch (left padding, masked out): one copy of
+        the batch's cache, into tensors made once at their new size."""
         new_len = len(req.prompt_ids)
-        new_mask = torch.ones(1, new_len, dtype=torch.long, device=self.device)
         if not self._active:
-            self._cache, self._mask, self._active = cache, new_mask, [req]
-            self.max_running = max(self.max_running, 1)
-            return
-        if self._static is not None:
-            self._leave_static()
-        old_len = self._mask.shape[1]
-        total = max(old_len, new_len)
-        joining = [(nk, nv) for nk, nv, *_ in cache]
-        self._cache = self._rebuilt(lambda i, k, v: (
-            torch.cat([_pad_left(k, total - old_len), _pad_left(joining[i][0], total - new_len)]),
-            torch.cat([_pad_left(v, total - old_len), _pad_left(joining[i][1], total - new_len)])))
-        pad = lambda m, n: torch.cat([m.new_zeros(m.shape[0], n), m], dim=1)  # noqa: E731
-        self._mask = torch.cat([pad(self._mask, total - old_len), pad(new_mask, total - new_len)])
+            self._cache, self._pads, self._len = cache, [0], new_len
+        else:
+            if self._static is not None:
+                self._leave_static()
+            joining = [(nk, nv) for nk, nv, *_ in cache]
+            old_len = self._len
+            total = max(old_len, new_len)
+            self._cache = self._rebuilt(lambda i, k, v: (_stacked(k, joining[i][0], total),
+                                                         _stacked(v, joining[i][1], total)))
+            self._pads = [p + total - old_len for p in self._pads] + [total - new_len]
+            self._len = total
         self._active.append(req)
+        self._sampler.join(req)
+        self._batch_changed()
         self.max_running = max(self.max_running, len(self._active))
+
+    def _batch_changed(self) -> None:
+        """What the decode step takes from the batch's rows and only changes when one joins or leaves:
+        the position ids (then advanced in place by each step) and the attention mask (None when no row is
+        padded; otherwise a buffer with room to grow, of which each step passes a view)."""
+        self._positions = torch.tensor([[r.position] for r in self._active], device=self.device)
+        self._mask_buf = None
+        if any(self._pads):
+            capacity = self._len + 1 + MASK_HEADROOM
+            columns = torch.arange(capacity, device=self.device)[None]
+            self._mask_buf = (columns >= torch.tensor(self._pads, device=self.device)[:, None]).long()
 
     def _rebuilt(self, change: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
         """The batch's cache with ``change(layer, keys, values)`` applied to every layer, letting go of each
@@ -827,7 +1003,7 @@ class Engine:
             cache.update(k[:, :, k.shape[2] - n:], v[:, :, v.shape[2] - n:], i,
                          {"cache_position": positions.to(k.device)})
         self._static_caches[length] = cache
-        self._static, self._cache, self._mask = cache, None, None
+        self._static, self._cache, self._mask_buf = cache, None, None
         self.static_entries += 1
 
     def _leave_static(self) -> None:
@@ -835,8 +1011,8 @@ class Engine:
         n = self._active[0].position
         self._cache = filled_cache(self._DynamicCache, [(k[:, :, :n].clone(), v[:, :, :n].clone())
                                                         for k, v in static_layers(self._static)])
-        self._mask = torch.ones(1, n, dtype=torch.long, device=self.device)
-        self._static = None
+        self._pads, self._len, self._static = [0], n, None
+        self._batch_changed()
 
     def _static_logits(self, req: Request) -> torch.Tensor:
         if self._static_forward is None:
@@ -873,11 +1049,18 @@ class Engine:
 
     def _dynamic_logits(self, active: list[Request]) -> torch.Tensor:
         input_ids = torch.tensor([[r.next_token] for r in active], device=self.device)
-        positions = torch.tensor([[r.position] for r in active], device=self.device)
-        mask = torch.cat([self._mask, self._mask.new_ones(len(active), 1)], dim=1)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+        mask = None
+        if self._mask_buf is not None:
+            if self._mask_buf.shape[1] < self._len + 1:  # out of room: twice the size, the new columns ones
+                grown = self._mask_buf.new_ones(len(active), 2 * self._mask_buf.shape[1])
+                grown[:, :self._mask_buf.shape[1]] = self._mask_buf
+                self._mask_buf = grown
+            mask = self._mask_buf[:, :self._len + 1]
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=self._positions, use_cache=True,
                          **{self._cache_kw: self._cache})
-        self._cache, self._mask = output_cache(out), mask
+        self._cache = output_cache(out)
+        self._len += 1
+        self._positions += 1  # queued after the forward that reads it
         return out.logits[:, -1]
 
     @torch.inference_mode()
@@ -886,28 +1069,39 @@ class Engine:
         if self.decode_graphs and len(active) == 1 and self._static is None:
             self._try_static(self._enter_static, active[0])
         logits = self._try_static(self._static_logits, active[0]) if self._static is not None else None
-        if logits is None:
-            logits = self._dynamic_logits(active)
+        if logits is not None:  # the static step's logits: its graph's output, read only
+            tokens = self._sampler.sample(logits)
+        else:
+            tokens = self._sampler.sample(self._dynamic_logits(active), inplace=True)
         self.steps += 1
         keep = []
         for i, r in enumerate(active):
             if not r.cancelled:
-                r.push(self._sample(r, logits[i]))
+                r.push(tokens[i])
             if r.cancelled:
                 r.finish("cancelled")
             elif r.finish_reason is not None:
                 r.finish()
             else:
                 keep.append(i)
+        self._sampler.add(tokens)
         if len(keep) == len(active):
             return
-        self._active = [active[i] for i in keep]
         if not keep:
-            self._cache, self._mask, self._static = None, None, None
+            self._clear()
             return
-        index = torch.tensor(keep)
-        self._mask = self._mask[index.to(self._mask.device)]
-        # Drop the columns that are padding for every remaining row.
-        lead = int((self._mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())
-        self._mask = self._mask[:, lead:]
-        self._cache = self._rebuilt(lambda i, k, v: (k[index.to(k.device), :, lead:], v[index.to(v.device), :, lead:]))
+        self._active = [active[i] for i in keep]
+        self._sampler.keep(keep)
+        # Drop the columns that are padding for every remaining row. Rows that stay in front keep their
+        # tensors' storage (a view, no copy); otherwise the remaining rows are copied once.
+        lead = min(self._pads[i] for i in keep)
+        self._pads = [self._pads[i] - lead for i in keep]
+        self._len -= lead
+        if keep == list(range(len(keep))):
+            n = len(keep)
+            self._cache = self._rebuilt(lambda i, k, v: (k[:n, :, lead:], v[:n, :, lead:]))
+        else:
+            index = torch.tensor(keep)
+            self._cache = self._rebuilt(lambda i, k, v: (k[index.to(k.device), :, lead:],
+                                                         v[index.to(v.device), :, lead:]))
+        self._batch_changed()
