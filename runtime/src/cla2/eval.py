@@ -28,9 +28,10 @@ from typing import Literal
 
 import torch
 
-from cla2 import status
+from cla2 import settings, status
 from cla2.engine import filled_cache, output_cache
 from cla2.prompts import build_prompt
+from cla2.settings import Placement
 
 CHOICES = "ABCD"
 FEW_SHOT_HEADER = "以下是中国关于{}考试的单项选择题，请选出其中的正确答案。\n\n"
@@ -331,6 +332,7 @@ def across_replicas(benchmark: str, groups: list[list[int]], sets: dict, **job_f
 
 
 @status.tracked("eval")
+@settings.grouped
 def main(
     benchmark: Literal["ceval", "cmmlu"],
     /,
@@ -344,10 +346,8 @@ def main(
     subjects: list[str] | None = None,
     do_test: bool = False,
     batch_size: int | None = None,
-    device: str | None = None,
-    devices: list[int] | None = None,
+    where: Placement = Placement(),
     replicas: int | None = None,
-    dtype: str | None = None,
     overwrite: bool = False,
 ) -> dict:
     """Evaluate on C-Eval or CMMLU; writes OUT/take0/summary.json, OUT/take0/submission.json, OUT/report.md, OUT/run.json.
@@ -367,12 +367,9 @@ def main(
         do_test: C-Eval: also predict the test split (no answers) and put those predictions in submission.json.
         batch_size: Questions scored together (default: 16, or fewer when the plan finds room for fewer; a number
             given here stands).
-        device: mlu, cuda or cpu (default: the best available).
-        devices: Device indices of this replica, e.g. 0,1: the layers are spread over them (default: the
-            plan's first group, as few devices as the model fits on; see `cla2 plan`).
+        where: Device kind, devices and dtype (cla2.settings.Placement: --device, --devices, --dtype).
         replicas: Replica processes to split the subjects over, one per device group of the plan (default: as
             many as the host holds; 1 scores in this process). Not with --devices, which names one replica.
-        dtype: fp32, fp16, bf16 or auto.
         overwrite: Replace a non-empty OUT.
     """
     from tqdm import tqdm
@@ -420,6 +417,7 @@ def main(
     from cla2 import plan
     from cla2 import replicas as replica_processes
 
+    device, devices, dtype = where.device, where.devices, where.dtype
     placement, replica = plan.for_inference("eval", model, device, dtype, devices, batch_size)
     groups = replica_processes.groups(placement, replica, devices, replicas, len(sets), "subjects")
     started = time.perf_counter()

@@ -43,6 +43,7 @@ from cla2.engine import (
     Result,
     SamplingParams,
 )
+from cla2.settings import Placement, grouped
 
 DEFAULT_PORT = 19327
 # Request bodies above this are refused with 413 before they are read. text-generation-inference's router
@@ -575,6 +576,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+@grouped
 def main(
     *,
     model: Path,
@@ -582,9 +584,7 @@ def main(
     host: str = "127.0.0.1",
     port: int = DEFAULT_PORT,
     api_key: str | None = None,
-    device: str | None = None,
-    devices: list[int] | None = None,
-    dtype: str | None = None,
+    where: Placement = Placement(),
     max_batch_size: int | None = None,
     model_name: str | None = None,
     truncate: bool = False,
@@ -605,10 +605,7 @@ def main(
         host: Address to bind. Anything but a loopback address needs an API key.
         port: Port to listen on.
         api_key: Clients must send 'Authorization: Bearer KEY'. Also read from the CLA2_API_KEY variable.
-        device: mlu, cuda or cpu (default: the best available).
-        devices: Device indices of this replica, e.g. 0,1: the layers are spread over them (default: the
-            plan's first group, as few devices as the model fits on; see `cla2 plan`).
-        dtype: fp32, fp16, bf16 or auto.
+        where: Device kind, devices and dtype (cla2.settings.Placement: --device, --devices, --dtype).
         max_batch_size: Requests decoded together in one batch (default: 8, or fewer when the plan finds room
             for fewer; a number given here stands).
         model_name: Name in /v1/models and the responses (default: the model folder's name).
@@ -636,8 +633,8 @@ def main(
         # The plan runs first here, not before the server listens: a model that does not fit (or --devices
         # that do not exist) is reported, with the numbers, by /health and the log, as any failure to load
         # is, rather than by a process that exits before anyone can ask it why.
-        placement, replica = plan.for_inference("serve", model, device, dtype, devices, max_batch_size)
-        return Engine.from_pretrained(model, adapter=adapter, device=device, dtype=dtype,
+        placement, replica = plan.for_inference("serve", model, where.device, where.dtype, where.devices, max_batch_size)
+        return Engine.from_pretrained(model, adapter=adapter, device=where.device, dtype=where.dtype,
                                       max_batch_size=placement.batch, name=name, truncate=truncate,
                                       decode_graphs=decode_graphs, devices=replica,
                                       layer_groups=[s.layers for s in placement.shares], max_waiting=max_waiting)

@@ -43,6 +43,12 @@ def setting(default, help: str):  # noqa: A002  (the flag's --help, as argparse 
 
 
 # ------------------------------------------------------------------------------------------ the groups
+# One type for the device and dtype flags of every job (a training job's default is "auto", an inference
+# job's None: the plan decides, which also means auto).
+DeviceKind = Literal["auto", "mlu", "cuda", "cpu"]
+DtypeName = Literal["auto", "fp32", "fp16", "bf16"]
+
+
 @dataclass(frozen=True)
 class Train:
     """How a LoRA training job trains: steps, batch, optimizer, precision, DeepSpeed, checkpoints, device."""
@@ -58,7 +64,7 @@ class Train:
     deepspeed: str | None = setting("auto", "DeepSpeed ZeRO: auto (the stage the plan picks: none, zero2 or zero3; "
                                             "see `cla2 plan`), none, zero2 or zero3 (bundled configs with \"auto\" "
                                             "fields) or a JSON config file.")
-    dtype: Literal["auto", "fp32", "fp16", "bf16"] = setting(
+    dtype: DtypeName = setting(
         "auto", "Training precision: auto (bf16 if the device supports it, else fp16; fp32 on CPU), fp32, fp16, bf16.")
     gradient_checkpointing: bool | None = setting(
         None, "Recompute activations in the backward pass (less memory, ~30% slower; default: on when the plan "
@@ -68,7 +74,7 @@ class Train:
     logging_steps: int = setting(10, "Log the loss every N steps.")
     resume: bool = setting(False, "Continue from the last checkpoint-* in OUT; a fresh start when there is none.")
     overwrite: bool = setting(False, "Write into a non-empty OUT.")
-    device: Literal["auto", "mlu", "cuda", "cpu"] = setting(
+    device: DeviceKind = setting(
         "auto", "Device kind: auto (mlu, then cuda, then cpu), mlu, cuda or cpu.")
     seed: int = setting(42, "Random seed (LoRA init, data order, dropout).")
 
@@ -102,6 +108,18 @@ class TextData:
 
     block_size: int = setting(1024, "Tokens per training block.")
     cache_dir: Path | None = setting(None, "Where tokenized blocks are cached (default $CLA2_CACHE or ~/.cache/cla2).")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an inference job (chat, generate, serve, eval) loads the model: the device kind, the devices of
+    its replica and the dtype. Unset, each is decided by the plan (`cla2 plan`)."""
+
+    device: DeviceKind | None = setting(None, "mlu, cuda or cpu (default: the best available).")
+    devices: list[int] | None = setting(
+        None, "Device indices of this replica, e.g. 0,1: the layers are spread over them (default: the plan's "
+              "first group, as few devices as the model fits on; see `cla2 plan`).")
+    dtype: DtypeName | None = setting(None, "fp32, fp16, bf16 or auto.")
 
 
 @dataclass(frozen=True)
