@@ -375,7 +375,8 @@ def main(
     from tqdm import tqdm
 
     from cla2.engine import load_model
-    from cla2.io import atomic_output_dir, check_output_dir, run_record, write_json
+    from cla2.io import atomic_output_dir, check_output_dir
+    from cla2.record import RUN_FILE, run_record, write
 
     began = time.time()
     if benchmark not in BENCHMARKS:
@@ -470,13 +471,13 @@ def main(
                                                             encoding="utf-8")
         write_report(tmp / "report.md", benchmark, summary, meta, info)
         run = run_record(
-            "eval", args, began, time.time(), command="eval", benchmark=benchmark, plan=placement.to_json(),
+            "eval", args, began, time.time(), benchmark=benchmark, plan=placement.to_json(),
             device=placement.kind, device_groups=groups, dtype=placement.dtype,
             metrics={"accuracy": summary["All"]["score"],
                      "grouped": {g: v["score"] for g, v in summary["grouped"].items()}, "questions": questions,
                      "seconds": round(seconds, 3), "questions_per_second": round(info["questions_per_second"], 3),
                      "forward_passes": forwards})
-        write_json(tmp / "run.json", run)
+        write(tmp / RUN_FILE, run)
     print(f"{benchmark}: {questions} questions, accuracy {100 * summary['All']['score']:.2f}% "
           f"({info['questions_per_second']:.1f} questions/s) -> {out}", file=sys.stderr)
     return summary

@@ -164,10 +164,10 @@ def main(
             default: on for CUDA only; the first request of each cache size waits while it compiles).
         overwrite: Replace an existing output file.
     """
-    from cla2.io import run_record, write_json
+    from cla2.record import run_record, write
 
     began = time.time()
-    args = settings.flatten({k: v for k, v in locals().items() if k not in ("began", "run_record", "write_json")})
+    args = settings.flatten({k: v for k, v in locals().items() if k not in ("began", "run_record", "write")})
     output = Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"output file {output} exists: choose another --output or pass --overwrite")
@@ -180,7 +180,7 @@ def main(
     st = status.current()
 
     def record(generated: int, seconds: float) -> Path:
-        write_json(run_file(output), run_record(
+        write(run_file(output), run_record(
             "generate", args, began, time.time(), input=str(Path(input).resolve()), output=str(output.resolve()),
             prompts=len(records), generated_tokens=generated, generate_seconds=round(seconds, 3),
             generated_tokens_per_s=round(generated / max(seconds, 1e-9), 1), plan=placement.to_json(),

@@ -1,7 +1,7 @@
 """Output folders, weight files and run records: written completely or not at all.
 
-Every job leaves a ``run.json`` beside its output (``run_record``): the same common keys for all of them,
-so a supervisor (or a person, months later) reads any job's record the same way, plus the job's own.
+Every job leaves a ``run.json`` beside its output, written and read by ``cla2.record``: the same common keys for
+all of them, so a supervisor (or a person, months later) reads any job's record the same way, plus the job's own.
 """
 
 from __future__ import annotations
@@ -345,17 +345,6 @@ def jsonable(v):
     if v is None or isinstance(v, bool | int | float | str):
         return v
     return str(v)
-
-
-def run_record(job: str, args: dict, started: float, ended: float | None = None, outcome: str = "succeeded",
-               **extra) -> dict:
-    """A job's run.json: the common keys (job, args, versions, started, ended, seconds, outcome), then the job's
-    own ``extra`` keys. ``ended`` None (a record written while the job runs) leaves ended and seconds null."""
-    common = {"job": job, "args": jsonable({k: v for k, v in args.items() if not k.startswith("_")}),
-              "versions": versions(), "started": iso_time(started),
-              "ended": iso_time(ended) if ended is not None else None,
-              "seconds": round(ended - started, 2) if ended is not None else None, "outcome": outcome}
-    return {**common, **extra}
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -32,7 +32,6 @@ import torch
 from cla2 import status
 from cla2.device import Device, parse_dtype, pick
 from cla2.io import (
-    RUN_FILE,
     OutputExistsError,
     check_loadable,
     iso_time,
@@ -41,10 +40,9 @@ from cla2.io import (
     output_lock,
     partial_dir,
     replace_final_files,
-    run_record,
-    write_json,
 )
 from cla2.io import versions as versions  # noqa: F401  (cla2.training.versions, as before)
+from cla2.record import RUN_FILE, read, run_record, with_old_names, write
 from cla2.settings import LORA_TARGETS as LORA_TARGETS  # cla2.training.LORA_TARGETS, as before
 from cla2.settings import MODULES_TO_SAVE as MODULES_TO_SAVE
 from cla2.settings import Lora, Train, flatten
@@ -122,12 +120,7 @@ def check_out(out: Path, job: str, resume: bool, overwrite: bool, settings: dict
         raise OutputExistsError(f"output {out} exists and is not a folder: choose another --out")
     busy = out.is_dir() and any(out.iterdir())
     ckpt = last_checkpoint(out) if resume else None
-    previous = None
-    if busy and (out / RUN_FILE).exists():
-        try:
-            previous = json.loads((out / RUN_FILE).read_text())
-        except json.JSONDecodeError:
-            previous = None
+    previous = read(out / RUN_FILE) if busy else None
     if resume and previous is not None:
         if previous.get("job") != job:
             raise TrainingSetupError(f"--out {out} holds a {previous.get('job')} run, not {job}: choose another --out")
@@ -302,26 +295,27 @@ def run(*, job: str, model: Path, out: Path, tokenizer: Path | None, train: Trai
     training_args, logging_dir = trainer_arguments(prep)
     peft_model = build(prep, lora)
     # run.json while it runs says outcome "running" (ended and seconds null); "succeeded" once the adapter is
-    # saved, "failed" (with the error) if the run raises. "status" / "finished" are the older names, kept.
+    # saved, "failed" (with the error) if the run raises (cla2.record; it keeps the older names too).
     record = run_record(
-        job, prep.settings, began, outcome="running", status="running", base_model=str(prep.model.resolve()),
+        job, prep.settings, began, outcome="running", base_model=str(prep.model.resolve()),
         tokenizer=str(prep.tok_dir.resolve()), vocab_size=len(prep.tokenizer), device=prep.dev.kind,
         dtype=str(prep.torch_dtype).replace("torch.", ""), world_size=prep.world_size, deepspeed=prep.ds_config,
         data=prep.data_info, resumed_from=str(prep.resume_from) if prep.resume_from else None,
         plan=prep.placement.to_json(), tensorboard=str(logging_dir.resolve()) if "tensorboard" in training_args.report_to else None)
     if prep.rank == 0:
         prep.out.mkdir(parents=True, exist_ok=True)
-        write_json(prep.out / RUN_FILE, record)
+        write(prep.out / RUN_FILE, record)
     try:
         trainer, result, seconds = fit(prep, training_args, peft_model, logging_dir, group_by_length, callbacks)
         return save(prep, record, trainer, result, seconds)
     except BaseException as exc:
         if prep.rank == 0:
             ended = time.time()
-            record.update(outcome="failed", status="failed", error=status.error_message(exc),
-                          ended=iso_time(ended), seconds=round(ended - began, 2))
+            record.update(outcome="failed", error=status.error_message(exc), ended=iso_time(ended),
+                          seconds=round(ended - began, 2))
+            with_old_names(record)
             with contextlib.suppress(OSError):
-                write_json(prep.out / RUN_FILE, record)
+                write(prep.out / RUN_FILE, record)
         raise
 
 
@@ -486,9 +480,7 @@ def save(prep: Prepared, record: dict, trainer, result, seconds: float) -> dict:
                 losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
                 ended = time.time()
                 record.update(
-                    status="complete", outcome="succeeded", ended=iso_time(ended),
-                    seconds=round(ended - prep.began, 2),
-                    finished=iso_time(ended),
+                    outcome="succeeded", ended=iso_time(ended), seconds=round(ended - prep.began, 2),
                     metrics={
                         "train_loss": result.training_loss, "first_loss": losses[0] if losses else None,
                         "final_loss": losses[-1] if losses else None, "global_step": trainer.state.global_step,
@@ -498,8 +490,9 @@ def save(prep: Prepared, record: dict, trainer, result, seconds: float) -> dict:
                     },
                     log_history=trainer.state.log_history,
                 )
+                with_old_names(record)
                 plot_loss(trainer.state.log_history, tmp / "loss.png", f"cla2 {prep.job}: {prep.model.name}")
-                write_json(tmp / RUN_FILE, record)
+                write(tmp / RUN_FILE, record)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
