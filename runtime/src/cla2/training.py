@@ -1,8 +1,10 @@
 """What `cla2 finetune` and `cla2 pretrain` share: checks, LoRA set-up, the Trainer run and the outputs.
 
-The jobs build a dataset; :func:`run` does the rest, in this order, so that bad input fails before
-anything is written: device and dtype, output folder (resume / overwrite), DeepSpeed config, model
-weights, tokenizer size against the model's vocabulary, the dataset. Only then is --out created.
+The jobs take their settings as groups (:mod:`cla2.settings`: ``Train``, ``Lora``) and build a dataset;
+:func:`run` does the rest in four steps. :func:`prepare` checks, in this order, so that bad input fails
+before anything is written: device and dtype, output folder (resume / overwrite), DeepSpeed config, model
+weights, the plan, tokenizer size against the model's vocabulary, the dataset. Only then is --out created;
+:func:`build` loads the model with its adapters, :func:`fit` trains, :func:`save` writes the outputs.
 
 Outputs in --out: ``adapter_config.json`` + ``adapter_model.safetensors`` (a standard PEFT adapter),
 the tokenizer, ``run.json`` (resolved arguments, versions, device, world size, data fingerprint, metrics,
