@@ -9,6 +9,11 @@ Hardening (see docs/failure-modes.md, "Server"): bodies are capped (413), POSTs 
 invalid value is an OpenAI-style 400, the JSON is parsed and the prompt tokenised in worker threads (the
 event loop, and so /health, never waits on them), a full waiting queue answers 429 with Retry-After, a
 client that goes away cancels its request (streaming or not), and metric labels come from an allow-list.
+
+Where each part lives: this module builds the app (``create_app``: the state, the guard middleware that
+refuses before any handler runs and counts every response, /health, /metrics, the web chat's mount) and
+runs it (``main``); :mod:`cla2.api` holds the OpenAI request and response shapes and the /v1 route
+handlers, which get the server's state as a FastAPI dependency; :mod:`cla2.loading` loads the model.
 """
 
 from __future__ import annotations
@@ -20,11 +25,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from cla2 import plan
-from cla2.api import APIError, ServerState, error_response, router
+from cla2.api import APIError, ServerState, State, error_response, router
 from cla2.engine import Engine, Result
 
 DEFAULT_PORT = 19327
@@ -155,6 +160,28 @@ async def _internal(request: Request, exc: Exception):
                                    type="server_error", code="internal_error"))
 
 
+# ---- the operator's routes: /health (a monitor's, and HAProxy's check) and /metrics (Prometheus) -----
+
+ops = APIRouter()
+
+
+@ops.get("/health")
+async def health(state: State):
+    if state.status == "ok":
+        return {"status": "ok", "model": state.model_name}
+    body = {"status": state.status}
+    if state.error:
+        body["error"] = state.error
+    return JSONResponse(body, status_code=503)
+
+
+@ops.get("/metrics")
+async def prometheus(state: State):
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
 # ---- the app -----------------------------------------------------------------------------------------
 
 def create_app(engine: Engine | None = None, model_name: str | None = None, api_key: str | None = None,
@@ -194,21 +221,7 @@ def create_app(engine: Engine | None = None, model_name: str | None = None, api_
     app.add_exception_handler(405, _not_allowed)
     app.add_exception_handler(Exception, _internal)
 
-    @app.get("/health")
-    async def health():
-        if state.status == "ok":
-            return {"status": "ok", "model": state.model_name}
-        body = {"status": state.status}
-        if state.error:
-            body["error"] = state.error
-        return JSONResponse(body, status_code=503)
-
-    @app.get("/metrics")
-    async def prometheus():
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
+    app.include_router(ops)
     app.include_router(router)
 
     if web:
