@@ -11,6 +11,7 @@ The functions and the versions they serve:
 =============================  ======================================================================
 ``dtype_key``                  transformers < 4.56: ``torch_dtype`` (renamed ``dtype``)
 ``torch_load_refused``         transformers >= 4.50 with torch < 2.6: ``torch.load`` refused (CVE-2025-32434)
+``torch_load_is_safe``         torch < 2.6: ``torch.load(weights_only=True)`` bypassable (CVE-2025-32434)
 ``cache_kwarg``                transformers 5.x: the forward's ``past_key_values`` is ``cache``
 ``output_cache``               transformers 5.x: the output's ``past_key_values`` is ``cache``
 ``filled_cache``               transformers 4.55: ``DynamicCache(ddp_cache_data)`` keeps an empty first layer
@@ -23,10 +24,17 @@ The functions and the versions they serve:
 ``own_checkpoints_loadable``   transformers >= 4.50 with torch < 2.6: resuming from this job's own checkpoint
 =============================  ======================================================================
 
-Not here, because they sit inside a class or a function body that other work owns (listed so that a
-version bump finds them): ``Engine.__init__``'s ``_cache_position`` (transformers < 5.0 takes
-``cache_position``), and ``training``'s ``logging_dir`` handling (transformers 5.x has no
-``TrainingArguments.logging_dir``; it is set on the TensorBoard callback instead).
+Not here, because they are a line inside a class or a function that other code owns (listed so that a
+version bump finds them):
+
+- ``engine.Engine.__init__``: ``_cache_position`` (transformers < 5.0 takes ``cache_position``);
+  ``Engine._static_logits``: ``hasattr(torch.compiler, "cudagraph_mark_step_begin")`` (older torch has none).
+- ``training``: ``logging_dir`` passed to TrainingArguments (transformers < 5) and set on the TensorBoard
+  callback (5.x has no ``TrainingArguments.logging_dir``).
+- ``eval.Scorer._run``: an all-ones attention mask (transformers 4.55 on torch < 2.5 writes into a
+  batch-expanded causal mask without one).
+- ``merge.ST_DTYPES``: the float8 dtypes only where this torch has them.
+- ``webui.build``: gradio's idle polling intervals, set only where its queue has them (a private attribute).
 """
 
 from __future__ import annotations
@@ -67,6 +75,15 @@ def torch_load_refused() -> bool:
     except ValueError:
         return True
     return False
+
+
+def torch_load_is_safe() -> bool:
+    """torch < 2.6: whether ``torch.load(weights_only=True)`` is to be trusted with a file from elsewhere
+    (from torch 2.6 on; before, a crafted file bypasses it, CVE-2025-32434). Where it is not, .bin files
+    are read with cla2.torchbin, which never runs their pickle."""
+    from packaging.version import Version
+
+    return Version(torch.__version__.split("+")[0]).release >= (2, 6)
 
 
 # ---- KV caches and the forward's arguments -----------------------------------------------------------
