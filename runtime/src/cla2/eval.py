@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 
 from cla2 import settings, status
-from cla2.engine import filled_cache, output_cache
+from cla2.compat import filled_cache, output_cache
 from cla2.prompts import build_prompt
 from cla2.settings import Placement
 
@@ -164,7 +164,7 @@ class Scorer:
     def __init__(self, model, tokenizer, device: torch.device, batch_size: int = 16):
         from transformers import DynamicCache
 
-        from cla2.engine import cache_kwarg
+        from cla2.compat import cache_kwarg
 
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.batch_size = max(1, batch_size)
@@ -374,8 +374,8 @@ def main(
     """
     from tqdm import tqdm
 
-    from cla2.engine import load_model
     from cla2.io import atomic_output_dir, check_output_dir
+    from cla2.loading import load_model
     from cla2.record import RUN_FILE, run_record, write
 
     began = time.time()

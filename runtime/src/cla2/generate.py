@@ -62,7 +62,8 @@ def check_prompts(path: Path, prompts: list[str], params: list[SamplingParams], 
     """What the engine checks of each prompt, with only the tokenizer and the model's window."""
     from transformers import AutoTokenizer
 
-    from cla2.engine import fit_prompt, tokenizer_dir
+    from cla2.engine import fit_prompt
+    from cla2.loading import tokenizer_dir
     from cla2.plan import read_shape
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(model, adapter)))

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from cla2.compat import dtype_key, torch_load_refused
+
 RUN_FILE = "run.json"
 
 
@@ -253,27 +255,12 @@ def save_sharded(state_dict: dict[str, torch.Tensor], folder: Path, shards: int 
         (Path(folder) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def dtype_key() -> str:
-    """What this transformers calls the weight dtype, in ``from_pretrained`` and in the config:
-    ``dtype`` from 4.56 on, ``torch_dtype`` before (torch 2.1 images cannot go past 4.55)."""
-    import transformers
-    from packaging.version import Version
-
-    return "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
-
-
 def check_loadable(model: Path) -> None:
     """Refuse, with the way out, PyTorch .bin weights that this transformers will not read: from 4.50 on
     it refuses ``torch.load`` under torch < 2.6 (CVE-2025-32434; Cambricon's image has torch 2.1), and
     the published Chinese-LLaMA-2 / Alpaca-2 folders are .bin."""
-    from transformers.utils import import_utils
-
     bins = [f for f in weight_files(model) if f.suffix == ".bin"]
-    if not bins or not hasattr(import_utils, "check_torch_load_is_safe"):
-        return
-    try:
-        import_utils.check_torch_load_is_safe()
-    except ValueError:
+    if bins and torch_load_refused():
         import transformers
 
         raise ValueError(
@@ -282,7 +269,7 @@ def check_loadable(model: Path) -> None:
             "before torch 2.6 is unsafe for untrusted files, CVE-2025-32434). Convert it to safetensors once, in "
             f"place and without running the files' pickles: cla2 convert --model {model} (the model_weights role "
             "does this when it places a .bin model; with torch >= 2.6 elsewhere, from_pretrained(DIR)"
-            ".save_pretrained(OUT) works too)") from None
+            ".save_pretrained(OUT) works too)")
 
 
 def load_pretrained(auto_cls, model: Path, dtype: torch.dtype):

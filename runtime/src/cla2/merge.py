@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 
 from cla2 import status, torchbin
+from cla2.compat import torch_load_is_safe
 from cla2.io import atomic_output_dir, check_output_dir, weight_files
 from cla2.record import RUN_FILE, read, run_record, write
 
@@ -130,14 +131,6 @@ def release_pages(t: torch.Tensor) -> None:
         _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
     except (OSError, AttributeError):
         pass
-
-
-def torch_load_is_safe() -> bool:
-    """torch.load(weights_only=True) is trusted from torch 2.6 on (CVE-2025-32434); before, .bin files are read
-    with cla2.torchbin, which never runs their pickle."""
-    from packaging.version import Version
-
-    return Version(torch.__version__.split("+")[0]).release >= (2, 6)
 
 
 def bin_refs(path: Path) -> dict[str, TensorRef]:

@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 
 from cla2 import status
+from cla2.compat import own_checkpoints_loadable as _own_checkpoints_loadable
+from cla2.compat import training_arguments as _training_arguments
 from cla2.device import Device, parse_dtype, pick
 from cla2.io import (
     OutputExistsError,
@@ -163,27 +165,6 @@ def plot_loss(log_history: Sequence[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _training_arguments(**kwargs):
-    """TrainingArguments across transformers 4.40 .. 5.x (renamed and removed fields)."""
-    from transformers import TrainingArguments
-
-    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    warmup = kwargs.pop("warmup_ratio")
-    if "warmup_ratio" in fields:
-        kwargs["warmup_ratio"] = warmup
-    else:
-        kwargs["warmup_steps"] = warmup  # 5.x: a float below 1 is a ratio
-    if "activation_checkpointing" in fields:  # 5.x renamed gradient checkpointing
-        kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
-        kwargs["activation_checkpointing_kwargs"] = kwargs.pop("gradient_checkpointing_kwargs")
-    if kwargs.pop("use_cpu"):
-        kwargs["use_cpu" if "use_cpu" in fields else "no_cuda"] = True
-    unknown = [k for k in kwargs if k not in fields]
-    for k in unknown:
-        kwargs.pop(k)
-    return TrainingArguments(**kwargs)
 
 
 def adapter_state(model, zero3: bool) -> dict[str, torch.Tensor]:
@@ -502,27 +483,6 @@ def save(prep: Prepared, record: dict, trainer, result, seconds: float) -> dict:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return record
-
-
-@contextlib.contextmanager
-def _own_checkpoints_loadable(resume_from: Path | None):
-    """Let the Trainer read back the optimizer, scheduler and RNG state of this job's own checkpoint on a
-    torch older than 2.6 (Cambricon's image has 2.1). transformers 4.50+ refuses every ``torch.load``
-    there because of CVE-2025-32434 (``weights_only=True`` can be bypassed by a crafted file). The files
-    read here are the ones this job wrote into its own output folder, not files from elsewhere, so the
-    check is switched off for that one call. Everything else (a base model's .bin weights) still goes
-    through it."""
-    import transformers.trainer as hf_trainer
-
-    if resume_from is None or not hasattr(hf_trainer, "check_torch_load_is_safe"):
-        yield
-        return
-    check = hf_trainer.check_torch_load_is_safe
-    hf_trainer.check_torch_load_is_safe = lambda: None
-    try:
-        yield
-    finally:
-        hf_trainer.check_torch_load_is_safe = check
 
 
 def _peft(base, r: int, alpha: float, dropout: float, targets: Sequence[str], modules_to_save: Sequence[str]):
