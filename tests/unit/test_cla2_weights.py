@@ -1,4 +1,4 @@
-"""The model_weights role's placement module (roles/model_weights/library/cla2_weights.py), run as
+"""The model_weights role's placement module (plugins/modules/cla2_weights.py), run as
 Ansible runs it (a JSON file of arguments, a JSON answer), against real folders and a real HTTP server
 on 127.0.0.1: URL sources, resuming a broken download or a killed run with HTTP Range (and starting
 over where the server ignores Range), parallel copies, a bad checksum with several files in flight,
@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-MODULE = Path(__file__).resolve().parents[2] / "roles" / "model_weights" / "library" / "cla2_weights.py"
+KIT = Path(__file__).resolve().parents[2]
+MODULE = KIT / "plugins" / "modules" / "cla2_weights.py"
 MB = 1 << 20
 
 
@@ -34,8 +35,10 @@ def run_module(tmp_path: Path, **args) -> dict:
     """Run the module with these arguments; its JSON answer (with `failed` set on failure)."""
     argfile = tmp_path / "args.json"
     argfile.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": args}))
+    # its module_utils (ansible_collections.cla2.mlu...) from the kit's collections/ link, as Ansible ships them
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(KIT / "collections"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, str(MODULE), str(argfile)], capture_output=True, text=True, timeout=120,
-                          check=False)
+                          check=False, env=env)
     try:
         return json.loads(proc.stdout)
     except ValueError:
@@ -555,8 +558,10 @@ def test_redirect_from_https_to_http_is_refused(tmp_path):
 def run_module_raw(tmp_path: Path, **args) -> str:
     argfile = tmp_path / "args.json"
     argfile.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": args}))
+    # its module_utils (ansible_collections.cla2.mlu...) from the kit's collections/ link, as Ansible ships them
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(KIT / "collections"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, str(MODULE), str(argfile)], capture_output=True, text=True, timeout=120,
-                          check=False)
+                          check=False, env=env)
     return proc.stdout + proc.stderr
 
 

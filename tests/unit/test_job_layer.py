@@ -1,10 +1,10 @@
 """The cla2 job layer's controller side (roles/cla2), in seconds and without a sandbox host:
 
-- cla2_follow (action_plugins/cla2_follow.py) follows a job through thousands of poll rounds, run by
+- cla2_follow (plugins/action/cla2_follow.py) follows a job through thousands of poll rounds, run by
   ansible-playbook against 127.0.0.1, with a stand-in supervisor that keeps the files `cla2 run` keeps
   (flock(1) holding RUN/.lock-NAME, NAME.job.json, NAME.status.json, NAME.log); a job that fails, one whose
   supervisor dies and one that outlives the follow limit each end the play with what to do;
-- the filters that check an operator's variables and a job's flags (filter_plugins/cla2_job.py);
+- the filters that check an operator's variables and a job's flags (plugins/filter/cla2_job.py);
 - no task file includes itself (the old follower did, and died of Ansible's recursion limit).
 
 molecule/jobs/tests/test_long_jobs.py runs the same against real jobs on a sandbox host.
@@ -25,7 +25,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLE = ROOT / "roles" / "cla2"
-sys.path.insert(0, str(ROLE / "filter_plugins"))
+sys.path.insert(0, str(ROOT / "plugins" / "filter"))
+sys.path.insert(0, str(ROOT / "collections"))
 
 from ansible.errors import AnsibleFilterError
 from cla2_job import cla2_argv, cla2_unknown_vars
@@ -70,9 +71,9 @@ def follow(tmp_path: Path, run: Path, name: str, **options) -> subprocess.Comple
     play = tmp_path / "follow.yml"
     play.write_text(yaml.safe_dump([{
         "hosts": "all", "gather_facts": False,
-        "tasks": [{"name": "Follow", "cla2_follow": args, "register": "followed"},
+        "tasks": [{"name": "Follow", "cla2.mlu.cla2_follow": args, "register": "followed"},
                   {"name": "Rounds", "ansible.builtin.debug": {"msg": "rounds={{ followed.rounds }}"}}]}]))
-    env = {**os.environ, "ANSIBLE_ACTION_PLUGINS": str(ROLE / "action_plugins"), "ANSIBLE_NOCOLOR": "1",
+    env = {**os.environ, "ANSIBLE_NOCOLOR": "1",
            "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg")}
     return subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", "127.0.0.1,", "-c", "local",
                            str(play)], env=env, capture_output=True, text=True, timeout=300, check=False)
@@ -212,7 +213,7 @@ def eval_argv(tmp_path: Path, model: str, template="auto", eval_args=None, prese
                    "vars": {"_cla2_template_model": model}},
                   {"name": "Argv", "ansible.builtin.debug": {"msg": "ARGV={{ _cla2_args.eval | join(' ') }}"}}]}],
                                   sort_keys=False))
-    env = {**os.environ, "ANSIBLE_FILTER_PLUGINS": str(ROLE / "filter_plugins"), "ANSIBLE_NOCOLOR": "1",
+    env = {**os.environ, "ANSIBLE_NOCOLOR": "1",
            "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg")}
     res = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", "127.0.0.1,", "-c", "local",
                           "-e", f"ansible_python_interpreter={sys.executable}", str(play)], env=env, capture_output=True, text=True, timeout=300, check=False)
