@@ -181,7 +181,7 @@ def test_every_variable_is_declared_and_defaulted():
     used = set()
     jobs = ["finetune", "pretrain", "merge", "evaluate", "pipeline"]
     for path in list(ROLE.rglob("*.yml")) + [ROOT / "playbooks" / f"{job}.yml" for job in jobs]:
-        used |= set(re.findall(r"(?<![\w.])cla2_[a-z0-9_]+", path.read_text()))
+        used |= set(re.findall(r"(?<![\w.])cla2_(?!_)[a-z0-9_]+", path.read_text()))
     # every cla2_* name the job layer reads is declared (filters and lookups are not variables)
     assert used - set(specs) <= {"cla2_argv", "cla2_unknown_vars", "cla2_follow", "cla2_runtime"}, used - set(specs)
 
@@ -201,17 +201,17 @@ EVAL_FLAGS = {"shots": {"type": "int"}, "with-prompt": {"type": "bool"}, "do-tes
 def eval_argv(tmp_path: Path, model: str, template="auto", eval_args=None, presets=()) -> list[str]:
     """The eval flags tasks/eval_template.yml decides for `model` (on 127.0.0.1, no runtime needed)."""
     defaults = yaml.safe_load((ROLE / "tasks" / "flags.yml").read_text())
-    layer = next(t for t in defaults if "_cla2_job_defaults" in t.get("ansible.builtin.set_fact", {}))
+    layer = next(t for t in defaults if "cla2__job_defaults" in t.get("ansible.builtin.set_fact", {}))
     play = tmp_path / "eval_template.yml"
     play.write_text(yaml.safe_dump([{
         "hosts": "all", "gather_facts": False,
         "vars": {"cla2_eval_template": template, "cla2_eval_args": eval_args or {}, "cla2_eval_benchmark": "ceval",
-                 "cla2_demo": False, "_cla2_args": {"eval": []}, "_cla2_flags": {"eval": EVAL_FLAGS},
-                 "_cla2_presets": list(presets),
-                 "_cla2_job_defaults": layer["ansible.builtin.set_fact"]["_cla2_job_defaults"]},
+                 "cla2_demo": False, "cla2__args": {"eval": []}, "cla2__flags": {"eval": EVAL_FLAGS},
+                 "cla2__presets": list(presets),
+                 "cla2__job_defaults": layer["ansible.builtin.set_fact"]["cla2__job_defaults"]},
         "tasks": [{"name": "Decide", "ansible.builtin.include_tasks": str(ROLE / "tasks" / "eval_template.yml"),
-                   "vars": {"_cla2_template_model": model}},
-                  {"name": "Argv", "ansible.builtin.debug": {"msg": "ARGV={{ _cla2_args.eval | join(' ') }}"}}]}],
+                   "vars": {"cla2__template_model": model}},
+                  {"name": "Argv", "ansible.builtin.debug": {"msg": "ARGV={{ cla2__args.eval | join(' ') }}"}}]}],
                                   sort_keys=False))
     env = {**os.environ, "ANSIBLE_NOCOLOR": "1",
            "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg")}
@@ -282,9 +282,9 @@ def test_the_comparison_compares_pt_with_the_model_it_trained(pt_base, delta):
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(ROLE / "templates")), trim_blocks=True)
     text = env.get_template("comparison.md.j2").render(
-        _cla2_run_name="r", inventory_hostname="h", _cla2_model_path="/data/models/chinese-alpaca-2-13b",
-        cla2_pt_base=pt_base, cla2_eval_benchmark="ceval", _cla2_args={"eval": ["--shots", "0", "--with-prompt"]},
-        _cla2_stage_summaries={"base": summary(40.0), "sft": summary(50.0), "pt": summary(45.0)})
+        cla2__run_name="r", inventory_hostname="h", cla2__model_path="/data/models/chinese-alpaca-2-13b",
+        cla2_pt_base=pt_base, cla2_eval_benchmark="ceval", cla2__args={"eval": ["--shots", "0", "--with-prompt"]},
+        cla2__stage_summaries={"base": summary(40.0), "sft": summary(50.0), "pt": summary(45.0)})
     # pt (45) against the stock model (40) by default, as the seed trains it; against sft (50) with cla2_pt_base=sft
     assert f"| law | 10 | 40.0 | 50.0 | +10.0 | 45.0 | {delta} |" in text
     assert f"**45.0** | {delta} |" in text
