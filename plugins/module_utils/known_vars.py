@@ -36,8 +36,8 @@ def unknown_vars_message(role: str, unknown: list[str], declared: Iterable[str],
     for name in unknown:
         near = closest(name, declared)
         hints.append(f"{name}: did you mean {near}?" if near else f"{name}: no declared name is close")
-    return (f"{role}: unknown variable(s) {', '.join(unknown)}: misspelt? {'; '.join(hints)}. "
-            f"The role reads {', '.join(declared)} ({spec_file})")
+    text = f"{role}: unknown variable(s) {', '.join(unknown)}: misspelt? {'; '.join(hints)}"
+    return f"{text}{'' if text.endswith('?') else '.'} The role reads {', '.join(declared)} ({spec_file})"
 
 
 def _walk(node):
