@@ -34,8 +34,9 @@ def installed(tmp_path_factory):
     res = run("ansible-galaxy", "collection", "build", "--output-path", str(tmp / "dist"))
     assert res.returncode == 0, res.stdout + res.stderr
     tarball = next((tmp / "dist").glob("cla2-mlu-*.tar.gz"))
-    res = run("ansible-galaxy", "collection", "install", "--no-deps", "-p", str(tmp / "installed"), str(tarball),
-              cwd=tmp)
+    # --force: a copy of cla2.mlu found elsewhere (~/.ansible/collections) must not make the install a no-op
+    res = run("ansible-galaxy", "collection", "install", "--no-deps", "--force", "-p", str(tmp / "installed"),
+              str(tarball), cwd=tmp, env={"ANSIBLE_COLLECTIONS_PATH": str(tmp / "installed")})
     assert res.returncode == 0, res.stdout + res.stderr
     return tarball, tmp / "installed"
 
