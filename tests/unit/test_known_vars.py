@@ -19,7 +19,7 @@ import yaml
 KIT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(KIT / "collections"))
 
-from ansible_collections.cla2.mlu.plugins.module_utils import known_vars as kv  # noqa: E402
+from ansible_collections.cla2.mlu.plugins.module_utils import known_vars as kv
 
 ROLES = ["preflight", "mlu_driver", "container_engine", "container_image", "model_weights", "runtime",
          "inference_service"]

@@ -12,8 +12,11 @@ import pytest
 KIT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(KIT / "collections"))
 
-from ansible_collections.cla2.mlu.plugins.filter.redact_url import FilterModule  # noqa: E402
-from ansible_collections.cla2.mlu.plugins.module_utils.cla2_urls import redact, url_secrets  # noqa: E402
+from ansible_collections.cla2.mlu.plugins.filter.redact_url import FilterModule
+from ansible_collections.cla2.mlu.plugins.module_utils.cla2_urls import (
+    redact,
+    url_secrets,
+)
 
 
 @pytest.mark.parametrize(("url", "shown"), [
