@@ -1,4 +1,4 @@
-"""The model_weights role's placement module (roles/model_weights/library/cla2_weights.py), run as
+"""The model_weights role's placement module (plugins/modules/cla2_weights.py), run as
 Ansible runs it (a JSON file of arguments, a JSON answer), against real folders and a real HTTP server
 on 127.0.0.1: URL sources, resuming a broken download or a killed run with HTTP Range (and starting
 over where the server ignores Range), parallel copies, a bad checksum with several files in flight,
@@ -26,7 +26,10 @@ from pathlib import Path
 
 import pytest
 
-MODULE = Path(__file__).resolve().parents[2] / "roles" / "model_weights" / "library" / "cla2_weights.py"
+KIT = Path(__file__).resolve().parents[2]
+MODULE = KIT / "plugins" / "modules" / "cla2_weights.py"
+# the module's module_utils (ansible_collections.cla2.mlu...) from the kit's collections/ link, as Ansible ships them
+MODULE_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(KIT / "collections"), os.environ.get("PYTHONPATH", "")])}
 MB = 1 << 20
 
 
@@ -35,7 +38,7 @@ def run_module(tmp_path: Path, **args) -> dict:
     argfile = tmp_path / "args.json"
     argfile.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": args}))
     proc = subprocess.run([sys.executable, str(MODULE), str(argfile)], capture_output=True, text=True, timeout=120,
-                          check=False)
+                          check=False, env=MODULE_ENV)
     try:
         return json.loads(proc.stdout)
     except ValueError:
@@ -251,7 +254,7 @@ def test_killed_mid_transfer_resumes_where_it_stopped(tmp_path):
         argfile = tmp_path / "args-kill.json"
         argfile.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": args}))
         proc = subprocess.Popen([sys.executable, str(MODULE), str(argfile)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+                                stderr=subprocess.DEVNULL, env=MODULE_ENV)
         try:
             deadline = time.time() + 60
             while time.time() < deadline:
@@ -481,7 +484,7 @@ def run_in_small_fs(tmp_path: Path, mount: Path, size_mb: int, runs: list[dict])
     script.append(f"mkdir {snapshot} && cp -a {mount}/. {snapshot}/")
     ns = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-rm"]
     proc = subprocess.run(ns + ["sh", "-c", "\n".join(script)], capture_output=True, text=True, timeout=300,
-                          check=False)
+                          check=False, env=MODULE_ENV)
     if proc.returncode == 99 or "unshare failed" in proc.stderr:
         pytest.skip("cannot mount a tmpfs here: " + proc.stderr.strip())
     assert proc.returncode == 0, proc.stderr
@@ -556,7 +559,7 @@ def run_module_raw(tmp_path: Path, **args) -> str:
     argfile = tmp_path / "args.json"
     argfile.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": args}))
     proc = subprocess.run([sys.executable, str(MODULE), str(argfile)], capture_output=True, text=True, timeout=120,
-                          check=False)
+                          check=False, env=MODULE_ENV)
     return proc.stdout + proc.stderr
 
 

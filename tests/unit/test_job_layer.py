@@ -1,10 +1,10 @@
 """The cla2 job layer's controller side (roles/cla2), in seconds and without a sandbox host:
 
-- cla2_follow (action_plugins/cla2_follow.py) follows a job through thousands of poll rounds, run by
+- cla2_follow (plugins/action/cla2_follow.py) follows a job through thousands of poll rounds, run by
   ansible-playbook against 127.0.0.1, with a stand-in supervisor that keeps the files `cla2 run` keeps
   (flock(1) holding RUN/.lock-NAME, NAME.job.json, NAME.status.json, NAME.log); a job that fails, one whose
   supervisor dies and one that outlives the follow limit each end the play with what to do;
-- the filters that check an operator's variables and a job's flags (filter_plugins/cla2_job.py);
+- the filters that check an operator's variables and a job's flags (plugins/filter/cla2_job.py);
 - no task file includes itself (the old follower did, and died of Ansible's recursion limit).
 
 molecule/jobs/tests/test_long_jobs.py runs the same against real jobs on a sandbox host.
@@ -25,7 +25,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLE = ROOT / "roles" / "cla2"
-sys.path.insert(0, str(ROLE / "filter_plugins"))
+sys.path.insert(0, str(ROOT / "plugins" / "filter"))
+sys.path.insert(0, str(ROOT / "collections"))
 
 from ansible.errors import AnsibleFilterError
 from cla2_job import cla2_argv, cla2_unknown_vars
@@ -70,9 +71,9 @@ def follow(tmp_path: Path, run: Path, name: str, **options) -> subprocess.Comple
     play = tmp_path / "follow.yml"
     play.write_text(yaml.safe_dump([{
         "hosts": "all", "gather_facts": False,
-        "tasks": [{"name": "Follow", "cla2_follow": args, "register": "followed"},
+        "tasks": [{"name": "Follow", "cla2.mlu.cla2_follow": args, "register": "followed"},
                   {"name": "Rounds", "ansible.builtin.debug": {"msg": "rounds={{ followed.rounds }}"}}]}]))
-    env = {**os.environ, "ANSIBLE_ACTION_PLUGINS": str(ROLE / "action_plugins"), "ANSIBLE_NOCOLOR": "1",
+    env = {**os.environ, "ANSIBLE_NOCOLOR": "1",
            "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg")}
     return subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", "127.0.0.1,", "-c", "local",
                            str(play)], env=env, capture_output=True, text=True, timeout=300, check=False)
@@ -180,7 +181,7 @@ def test_every_variable_is_declared_and_defaulted():
     used = set()
     jobs = ["finetune", "pretrain", "merge", "evaluate", "pipeline"]
     for path in list(ROLE.rglob("*.yml")) + [ROOT / "playbooks" / f"{job}.yml" for job in jobs]:
-        used |= set(re.findall(r"(?<![\w.])cla2_[a-z0-9_]+", path.read_text()))
+        used |= set(re.findall(r"(?<![\w.])cla2_(?!_)[a-z0-9_]+", path.read_text()))
     # every cla2_* name the job layer reads is declared (filters and lookups are not variables)
     assert used - set(specs) <= {"cla2_argv", "cla2_unknown_vars", "cla2_follow", "cla2_runtime"}, used - set(specs)
 
@@ -200,19 +201,19 @@ EVAL_FLAGS = {"shots": {"type": "int"}, "with-prompt": {"type": "bool"}, "do-tes
 def eval_argv(tmp_path: Path, model: str, template="auto", eval_args=None, presets=()) -> list[str]:
     """The eval flags tasks/eval_template.yml decides for `model` (on 127.0.0.1, no runtime needed)."""
     defaults = yaml.safe_load((ROLE / "tasks" / "flags.yml").read_text())
-    layer = next(t for t in defaults if "_cla2_job_defaults" in t.get("ansible.builtin.set_fact", {}))
+    layer = next(t for t in defaults if "cla2__job_defaults" in t.get("ansible.builtin.set_fact", {}))
     play = tmp_path / "eval_template.yml"
     play.write_text(yaml.safe_dump([{
         "hosts": "all", "gather_facts": False,
         "vars": {"cla2_eval_template": template, "cla2_eval_args": eval_args or {}, "cla2_eval_benchmark": "ceval",
-                 "cla2_demo": False, "_cla2_args": {"eval": []}, "_cla2_flags": {"eval": EVAL_FLAGS},
-                 "_cla2_presets": list(presets),
-                 "_cla2_job_defaults": layer["ansible.builtin.set_fact"]["_cla2_job_defaults"]},
+                 "cla2_demo": False, "cla2__args": {"eval": []}, "cla2__flags": {"eval": EVAL_FLAGS},
+                 "cla2__presets": list(presets),
+                 "cla2__job_defaults": layer["ansible.builtin.set_fact"]["cla2__job_defaults"]},
         "tasks": [{"name": "Decide", "ansible.builtin.include_tasks": str(ROLE / "tasks" / "eval_template.yml"),
-                   "vars": {"_cla2_template_model": model}},
-                  {"name": "Argv", "ansible.builtin.debug": {"msg": "ARGV={{ _cla2_args.eval | join(' ') }}"}}]}],
+                   "vars": {"cla2__template_model": model}},
+                  {"name": "Argv", "ansible.builtin.debug": {"msg": "ARGV={{ cla2__args.eval | join(' ') }}"}}]}],
                                   sort_keys=False))
-    env = {**os.environ, "ANSIBLE_FILTER_PLUGINS": str(ROLE / "filter_plugins"), "ANSIBLE_NOCOLOR": "1",
+    env = {**os.environ, "ANSIBLE_NOCOLOR": "1",
            "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg")}
     res = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", "127.0.0.1,", "-c", "local",
                           "-e", f"ansible_python_interpreter={sys.executable}", str(play)], env=env, capture_output=True, text=True, timeout=300, check=False)
@@ -281,9 +282,9 @@ def test_the_comparison_compares_pt_with_the_model_it_trained(pt_base, delta):
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(ROLE / "templates")), trim_blocks=True)
     text = env.get_template("comparison.md.j2").render(
-        _cla2_run_name="r", inventory_hostname="h", _cla2_model_path="/data/models/chinese-alpaca-2-13b",
-        cla2_pt_base=pt_base, cla2_eval_benchmark="ceval", _cla2_args={"eval": ["--shots", "0", "--with-prompt"]},
-        _cla2_stage_summaries={"base": summary(40.0), "sft": summary(50.0), "pt": summary(45.0)})
+        cla2__run_name="r", inventory_hostname="h", cla2__model_path="/data/models/chinese-alpaca-2-13b",
+        cla2_pt_base=pt_base, cla2_eval_benchmark="ceval", cla2__args={"eval": ["--shots", "0", "--with-prompt"]},
+        cla2__stage_summaries={"base": summary(40.0), "sft": summary(50.0), "pt": summary(45.0)})
     # pt (45) against the stock model (40) by default, as the seed trains it; against sft (50) with cla2_pt_base=sft
     assert f"| law | 10 | 40.0 | 50.0 | +10.0 | 45.0 | {delta} |" in text
     assert f"**45.0** | {delta} |" in text

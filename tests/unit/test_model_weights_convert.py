@@ -1,5 +1,5 @@
 """The model_weights role converts a placed model's PyTorch .bin weights to safetensors on the host
-(library/cla2_convert.py, with module_utils/cla2_torchbin.py, a link to the runtime's torchbin.py): run by
+(plugins/modules/cla2_convert.py, with plugins/module_utils/cla2_torchbin.py, a link to the runtime's torchbin.py): run by
 ansible-playbook on 127.0.0.1 as the role runs it, with this python and no torch.
 
 The .bin fixtures are made here in torch.save's format (a zip of data.pkl + data/<key> entries, the pickle
@@ -209,7 +209,7 @@ def test_unsafe_pickle_fails_the_item_without_running_it(tmp_path, torch_save):
 
 
 def test_module_utils_is_the_runtime_file():
-    """One copy of the converter: the role's module_utils is the runtime's torchbin.py."""
-    link = ROLE / "module_utils" / "cla2_torchbin.py"
+    """One copy of the converter: the collection's module_utils is the runtime's torchbin.py."""
+    link = ROOT / "plugins" / "module_utils" / "cla2_torchbin.py"
     assert link.is_symlink()
     assert link.resolve() == (ROOT / "runtime" / "src" / "cla2" / "torchbin.py").resolve()

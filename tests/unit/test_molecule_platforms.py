@@ -28,6 +28,20 @@ def test_platforms_drop_their_volumes(path):
                 "add `keep_volumes: false` so that destroy removes them")
 
 
-def test_some_scenario_declares_its_own_platforms():
-    # the guard above must look at something: the scenarios that replace the base list
-    assert sum(bool(platforms(p)) for p in CONFIGS[1:]) >= 3
+def test_some_config_declares_platforms():
+    # the guard above must look at something: the base config and the scenario that replaces its list
+    assert platforms(CONFIGS[0])
+    assert sum(bool(platforms(p)) for p in CONFIGS[1:]) >= 1
+
+
+def test_the_sandbox_host_is_defined_once():
+    # the base config's host serves every one-host scenario; a scenario with more hosts lists copies of it
+    # (molecule replaces lists), which differ from it in their name and host name only
+    base = platforms(CONFIGS[0])
+    assert len(base) == 1
+    expected = {k: v for k, v in base[0].items() if k not in ("name", "hostname")}
+    assert "${MOLECULE_SCENARIO_NAME}" in base[0]["name"]
+    for path in CONFIGS[1:]:
+        for platform in platforms(path):
+            got = {k: v for k, v in platform.items() if k not in ("name", "hostname")}
+            assert got == expected, f"{path.relative_to(ROOT)}: platform {platform['name']} differs from the base host"

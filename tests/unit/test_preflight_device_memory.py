@@ -1,4 +1,4 @@
-"""The preflight role's device memory arithmetic (roles/preflight/filter_plugins/preflight.py): cnmon's
+"""The preflight role's device memory arithmetic (plugins/filter/preflight.py): cnmon's
 summary table as the test-only driver prints it, read into each device's memory, and weighed against
 the models a host must run. The molecule scenario preflight_driver_failures runs the same filters
 inside the role on a sandbox host; these pin the numbers and the messages, in milliseconds.
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PLUGIN = ROOT / "roles" / "preflight" / "filter_plugins" / "preflight.py"
+PLUGIN = ROOT / "plugins" / "filter" / "preflight.py"
 CNMON = ROOT / "molecule" / "resources" / "fixtures" / "mlu-driver" / "cnmon"
 GIB = 1 << 30
 MIB = 1 << 20

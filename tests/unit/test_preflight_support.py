@@ -1,4 +1,4 @@
-"""The preflight role's support gate (roles/preflight/filter_plugins/preflight.py, preflight_os_support and
+"""The preflight role's support gate (plugins/filter/preflight.py, preflight_os_support and
 preflight_probe; roles/preflight/files/cla2_probe.sh): every case of the support matrix
 (roles/preflight/vars/support_matrix.yml) and every refusal message, on fake os-release files and fake
 interpreters, without such hosts. docs/support.md's table must be the matrix's, row for row.
@@ -18,7 +18,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLE = ROOT / "roles" / "preflight"
-PLUGIN = ROLE / "filter_plugins" / "preflight.py"
+PLUGIN = ROOT / "plugins" / "filter" / "preflight.py"
 PROBE = ROLE / "files" / "cla2_probe.sh"
 MATRIX_FILE = ROLE / "vars" / "support_matrix.yml"
 DOC = ROOT / "docs" / "support.md"
@@ -334,7 +334,7 @@ def test_docs_support_table_is_the_matrix():
     table = text.split(start, 1)[1].split(end, 1)[0].strip("\n") + "\n"
     assert table == pf.preflight_support_table(MATRIX), (
         "docs/support.md's table differs from roles/preflight/vars/support_matrix.yml: regenerate it with "
-        "python3 roles/preflight/filter_plugins/preflight.py --support-table"
+        "python3 plugins/filter/preflight.py --support-table"
     )
 
 

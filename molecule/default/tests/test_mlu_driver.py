@@ -4,7 +4,7 @@ Runs in the default scenario's verify (the test-only driver package: simulated c
 unchanged against real servers:
     pytest --hosts=ansible://mlu-hosts --ansible-inventory=inventory/production molecule/default/tests
 where it also checks the loaded module and counts /dev/cambricon_dev* nodes.
-The parser is the role's own (roles/mlu_driver/filter_plugins/cnmon.py), so what passes here is what
+The parser is the role's own (plugins/filter/cnmon.py), so what passes here is what
 the role accepts.
 """
 
@@ -16,7 +16,7 @@ import pytest
 from _infra import ROOT, role_var
 
 _spec = importlib.util.spec_from_file_location(
-    "cla2_cnmon", ROOT / "roles/mlu_driver/filter_plugins/cnmon.py"
+    "cla2_cnmon", ROOT / "plugins/filter/cnmon.py"
 )
 cnmon = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cnmon)

@@ -48,12 +48,12 @@ def _human(value: int) -> str:
 
 
 def _cnmon_parser():
-    """mlu_driver's parser of cnmon's summary table (one parser for the kit, loaded by path: a role's
-    filter_plugins are not importable as a package, and mlu_driver need not be in the play yet)."""
-    path = Path(__file__).resolve().parents[2] / "mlu_driver" / "filter_plugins" / "cnmon.py"
+    """mlu_driver's parser of cnmon's summary table (one parser for the kit, the filter file beside this one;
+    loaded by path, so that this file also runs as a script and in the unit tests, outside the collection)."""
+    path = Path(__file__).resolve().parent / "cnmon.py"
     spec = importlib.util.spec_from_file_location("cla2_mlu_driver_cnmon", path)
     if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"preflight needs the mlu_driver role's cnmon parser at {path}")
+        raise FileNotFoundError(f"preflight needs the cnmon parser at {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -585,6 +585,6 @@ if __name__ == "__main__":
     import yaml
 
     if sys.argv[1:] != ["--support-table"]:
-        sys.exit("usage: preflight.py --support-table  (prints docs/support.md's table from vars/support_matrix.yml)")
-    matrix_file = Path(__file__).resolve().parents[1] / "vars" / "support_matrix.yml"
+        sys.exit("usage: preflight.py --support-table  (prints docs/support.md's table from roles/preflight/vars/support_matrix.yml)")
+    matrix_file = Path(__file__).resolve().parents[2] / "roles" / "preflight" / "vars" / "support_matrix.yml"
     sys.stdout.write(preflight_support_table(yaml.safe_load(matrix_file.read_text())["preflight__support_matrix"]))

@@ -27,7 +27,7 @@ options:
 from pathlib import Path
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.cla2_torchbin import TorchBinError, bin_shards, convert_folder
+from ansible_collections.cla2.mlu.plugins.module_utils.cla2_torchbin import TorchBinError, bin_shards, convert_folder
 
 
 def main():

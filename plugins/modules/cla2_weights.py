@@ -95,6 +95,7 @@ import urllib.parse
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.urls import open_url
+from ansible_collections.cla2.mlu.plugins.module_utils import cla2_urls
 
 CHUNK = 8 << 20
 MAX_WORKERS = 8
@@ -133,44 +134,9 @@ class PlaceError(Exception):
 
 MAX_REDIRECTS = 10
 REDIRECTS = (301, 302, 303, 307, 308)
-# Query parameters that carry credentials (presigned S3/GCS/Azure URLs, API tokens): masked in all output.
-SECRET_QUERY = re.compile(r"(?i)token|key|sig|secret|pass|auth|credential|session|signature|security")
-
-
-def url_secrets(url):
-    """The parts of a URL that are credentials: the user:password (or a token given as the user) and the
-    values of query parameters such as token=, X-Amz-Signature=, sig=. Never printed nor returned."""
-    out = set()
-    try:
-        parts = urllib.parse.urlsplit(url or "")
-    except ValueError:
-        return out
-    if "@" in parts.netloc:
-        userinfo = parts.netloc.rpartition("@")[0]
-        out.update([userinfo, urllib.parse.unquote(userinfo)])
-        user, _, password = userinfo.partition(":")
-        out.update(v for v in (password, urllib.parse.unquote(password)) if v)
-        if not password:
-            out.update(v for v in (user, urllib.parse.unquote(user)) if v)
-    for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
-        if value and SECRET_QUERY.search(key):
-            out.update([value, urllib.parse.quote(value, safe=""), urllib.parse.quote_plus(value)])
-    return set(v for v in out if len(v) >= 3)
-
-
 def redact(url):
-    """url without its credentials, for messages: https://***@host/path?token=***."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "<the URL>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
-    query = "&".join("%s=%s" % (urllib.parse.quote(k, safe=""), "***" if v and SECRET_QUERY.search(k)
-                                else urllib.parse.quote(v, safe=""))
-                     for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+    """url without its credentials, for messages: https://***@host/path?token=*** (module_utils/cla2_urls.py)."""
+    return cla2_urls.redact(url, whole_query=False)
 
 
 class Stopped(Exception):
@@ -905,7 +871,7 @@ def main():
     if module.params["source_type"] == "url":
         # Credentials in the URL: Ansible masks these strings in all that the module returns, and every
         # message names the URL through redact() besides.
-        module.no_log_values.update(url_secrets(module.params["source"]))
+        module.no_log_values.update(cla2_urls.url_secrets(module.params["source"]))
     placer = Placer(module)
     try:
         manifest = placer.operator_manifest()

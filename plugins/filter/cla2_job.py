@@ -2,7 +2,9 @@
 
 Ansible's role argument validation (meta/argument_specs.yml) checks the types of the variables a role
 declares, but says nothing about a variable it does not know: `-e cla2_epoch=3` would be silently
-ignored. `cla2_unknown_vars` finds those and names the closest valid one. `cla2_argv` turns a job's
+ignored. `cla2_unknown_vars` finds those (the collection's one check, module_utils/known_vars.py, which
+the other roles run as the cla2.mlu.known_vars action) and names the closest valid one, or the job flag
+the name looks like. `cla2_argv` turns a job's
 flag mapping ({max-steps: 100, gradient-checkpointing: true}) into argv for `cla2 JOB`, checked against
 the flags the deployed runtime declares (`cla2 flags JOB --json`), so every flag of `cla2 JOB --help`
 can be set and a misspelt or mistyped one is refused before the job starts.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import difflib
 
 from ansible.errors import AnsibleFilterError
+from ansible_collections.cla2.mlu.plugins.module_utils.known_vars import unknown_vars
 
 # Flags the job layer sets itself from the playbook's variables (paths resolved under the data root,
 # the resume of a re-run): a mapping may not set them.
@@ -38,7 +41,7 @@ def cla2_unknown_vars(names, known, flags=None):
     def score(a, b):
         return difflib.SequenceMatcher(None, a, b).ratio()
 
-    for name in sorted(set(names) - set(known)):
+    for name in unknown_vars(names, "cla2_", known):
         bare = name.removeprefix("cla2_")
         # the closest declared variable, and the closest flag of a job (cla2_max_steps: a flag given as a
         # variable of its own); the closer of the two is the hint

@@ -1,0 +1,1 @@
+../../runtime/src/cla2/torchbin.py

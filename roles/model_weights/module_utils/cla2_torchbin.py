@@ -1,1 +1,0 @@
-../../../runtime/src/cla2/torchbin.py
