@@ -1,8 +1,8 @@
 """PyTorch ``.bin`` weights without ``torch.load``: a pickle-free reader and a streaming safetensors writer.
 
 Pure standard library (Python >= 3.9, no torch, nothing third-party): the model_weights role runs this very
-file on the host with the system python3 (roles/model_weights/module_utils/cla2_torchbin.py is a link to
-it), and ``cla2 convert`` runs it in the runtime container.
+file on the host with the system python3 (the collection's plugins/module_utils/cla2_torchbin.py is a link
+to it), and ``cla2 convert`` runs it in the runtime container.
 
 Why: hfl publishes the Chinese-LLaMA-2 / Alpaca-2 weights as ``pytorch_model-0000N-of-0000M.bin`` shards,
 transformers >= 4.50 refuses ``torch.load`` under torch < 2.6 (CVE-2025-32434) and Cambricon's image has
