@@ -51,7 +51,7 @@ sandbox-image:
 
 # Local stand-ins for the vendor's artifacts (driver package, PyTorch image tarball, weights).
 fixtures: venv sandbox-image runtime-venv
-	molecule/resources/fixtures/build.sh $(FIXTURES)
+	sandbox/fixtures/build.sh $(FIXTURES)
 
 lint: venv runtime-venv
 	yamllint --strict .

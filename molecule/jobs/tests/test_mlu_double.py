@@ -5,7 +5,7 @@ it simulates). It is a fixture of this module only: the `runtime` fixture checks
 torch_mlu of its own, copies the double into the running runtime container under /tmp/cla2-test-doubles and
 removes it (and the scratch outputs) after; the product, the runtime role and the stand-in PyTorch image never
 hold it. Every command runs with the double on PYTHONPATH and a simulated host that matches the sandbox's fake
-cards (molecule/resources/fixtures/mlu-driver/cards.conf), on the model and data the converge placed (the
+cards (sandbox/fixtures/mlu-driver/cards.conf), on the model and data the converge placed (the
 pipeline's demo assets). So device.py's mlu branch, the cncl backend, MLU_VISIBLE_DEVICES, the plan's device
 query, a replica split over --devices 0,1 and a 2-rank torchrun launch run in the product's own container.
 """
