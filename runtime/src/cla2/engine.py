@@ -687,8 +687,6 @@ class Engine:
         self._static = None  # the StaticCache the running batch decodes in, while it does
         # by (batch bucket, length), least recently used first; reused: a graph replays on fixed addresses
         self._static_caches: collections.OrderedDict[tuple[int, int], object] = collections.OrderedDict()
-        # Batches of several requests on the static path too (issue 15), not only a lone request.
-        self._batched_static = True
         self._static_forward = None
         self._cache_position = "cache_position" in inspect.signature(model.forward).parameters  # < 5.0
         self._dtype = next(model.parameters()).dtype
@@ -1073,9 +1071,6 @@ class Engine:
         """Move the running batch from the dynamic cache into the static cache of its bucket, or decline
         (until the batch changes) when its rows would need more columns than the window."""
         active = self._active
-        if len(active) > 1 and not self._batched_static:
-            self._static_declined = True
-            return
         col = max(r.position for r in active)  # the longest row's tokens: no column is padding for all rows
         need = self._static_need(active, col)
         length = static_len(need, self.window)
