@@ -407,7 +407,8 @@ def test_static_decode_falls_back_to_eager(engine_pair, monkeypatch):
                     "falls back to eager decoding, which test_static_decode_falls_back_to_eager covers")
 def test_static_step_traces_as_one_graph(engine_pair):
     """The step that CUDA runs through torch.compile traces with no graph break on this transformers
-    (dynamo's eager backend: the tracing without inductor's code generation, which is slow on a CPU)."""
+    (dynamo's eager backend: the tracing without inductor's code generation, which is slow on a CPU), for
+    a lone request and for a padded batch in a bucket with a dummy row."""
     eager, static = engine_pair
     e = Engine(static.model, static.tokenizer, static.device, decode_graphs=True)
     e._compile_options = {"backend": "eager", "fullgraph": True, "dynamic": False}
@@ -416,6 +417,9 @@ def test_static_step_traces_as_one_graph(engine_pair):
         for p in STATIC_PROMPTS[:2]:
             assert e.generate([p], params)[0].token_ids == eager.generate([p], params)[0].token_ids
         assert e.decode_graphs is True and e.static_steps == 2 * 19
+        batch = e.generate(STATIC_PROMPTS[:3], params)
+        assert [r.token_ids for r in batch] == [eager.generate([p], params)[0].token_ids for p in STATIC_PROMPTS[:3]]
+        assert e.decode_graphs is True and e.static_steps == 3 * 19
     finally:
         e.close()
 

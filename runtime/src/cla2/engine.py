@@ -12,12 +12,14 @@ batch's logits (``Sampler``), and what changes only when a request joins or leav
 parameters, position ids, the attention mask, which is None when no row is padded) is built then; a
 join copies the batch's cache once, a leave of the last rows keeps views of it.
 
-A request decoding alone (the batch-1 case: `cla2 chat`, a quiet server) goes through a second path
-when ``decode_graphs`` is on (the default on CUDA): its cache is copied into a preallocated static KV
-cache (transformers' StaticCache) and each step runs one ``torch.compile(mode="reduce-overhead")``
-forward, i.e. a replayed CUDA graph instead of some thirty kernel launches a layer that each wait on the
-CPU. When a second request joins, the static cache is cut back to its used length and the batch goes on
-as above; when the batch shrinks to one request again, it goes back to the static path.
+When ``decode_graphs`` is on (the default on CUDA) the running batch goes through a second path: its
+cache is copied into a preallocated static KV cache (transformers' StaticCache) of a fixed shape, a
+bucket of 1, 2, 4 or 8 rows (up to ``max_batch_size``) by a power-of-two length, and each step runs one
+``torch.compile(mode="reduce-overhead")`` forward, i.e. a replayed CUDA graph instead of some thirty
+kernel launches a layer that each wait on the CPU (issue 15: a lone request first, now any batch). The
+rows are right-aligned at the cache's one write column behind an attention mask; a request joins into a
+free bucket row in place, a leaving one leaves a dummy row; a batch that outgrows its bucket, or shrinks
+into a smaller one, passes through the dynamic cache and re-enters the bucket it then needs.
 
 Why not ``model.generate``: it runs one fixed batch from start to end, so a request arriving while
 another decodes waits for it to finish, and its sampling parameters are per batch, not per request.
@@ -640,9 +642,9 @@ class Engine:
     ``submit`` is thread-safe; ``stream``/``astream`` yield text deltas; ``generate`` runs many prompts
     batched and returns their results in order.
 
-    ``decode_graphs``: decode a request that runs alone through a static KV cache and, on CUDA, a CUDA
-    graph (``torch.compile(mode="reduce-overhead")``; the first steps at each cache size compile and
-    capture, which takes a while). None: on for CUDA only. On CPU and MLU it runs the same static-cache
+    ``decode_graphs``: decode the running batch through a static KV cache (a bucket by batch size and
+    length) and, on CUDA, a CUDA graph (``torch.compile(mode="reduce-overhead")``; the first steps at each
+    bucket compile and capture, which takes a while). None: on for CUDA only. On CPU and MLU it runs the same static-cache
     step without a graph (no faster; it is what the CPU tests check). If the step fails (a transformers
     without a usable StaticCache, a compile error), the engine warns once and decodes eagerly.
     """
