@@ -498,6 +498,27 @@ def test_batched_static_reuses_its_bucket_caches(engine_pair):
     assert pointers == {key: [k.data_ptr() for k, _ in static_layers(c)] for key, c in caches.items()}
 
 
+def test_static_caches_kept_are_bounded_by_one_full_batch(engine_pair):
+    """The static caches kept, over all (bucket, length) pairs, hold at most max_batch_size x window
+    positions (the KV cache of one full batch): a new one pushes out the least recently used."""
+    eager, static = engine_pair
+    e = Engine(static.model, static.tokenizer, static.device, max_batch_size=2, decode_graphs=True)
+    try:
+        devices = [e.device] * e.model.config.num_hidden_layers
+        small = e._bucket_cache(1, 256, devices)
+        assert e._bucket_cache(2, 256, devices) is not small and e.static_allocations == 2
+        assert e._bucket_cache(1, 256, devices) is small and e.static_allocations == 2  # reused
+        e._bucket_cache(2, e.window, devices)  # the whole budget: the others go
+        assert list(e._static_caches) == [(2, e.window)]
+        e._bucket_cache(2, 512, devices)
+        assert list(e._static_caches) == [(2, 512)] and e.static_allocations == 4
+        e._bucket_cache(1, 512, devices)
+        assert list(e._static_caches) == [(2, 512), (1, 512)]
+        assert sum(b * n for b, n in e._static_caches) <= e.max_batch_size * e.window
+    finally:
+        e.close()
+
+
 def test_batched_static_declines_a_batch_beyond_the_window(engine_pair):
     """Rows are right-aligned at one write column: a prompt near the window and a short one that may still
     generate many tokens would need more columns than the window. That batch decodes on the dynamic path
