@@ -46,7 +46,7 @@ PROMPTS = ["请写一段关于第{}个城市的介绍。", "Tell me a story abou
 def bare_loop(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> tuple[int, float]:
     """(tokens, seconds) of a plain greedy loop decoding ``prompts`` (equal lengths) as one batch."""
     import torch
-    from cla2.engine import cache_kwarg, output_cache
+    from cla2.compat import cache_kwarg, output_cache
     from transformers import DynamicCache
 
     kw = cache_kwarg(model)

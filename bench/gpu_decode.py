@@ -78,7 +78,7 @@ def sync(device) -> None:
 def bare_decode(model, prompt_ids, new_tokens: int, device) -> float:
     """tokens/s of a plain greedy loop over the same forward and cache (no engine)."""
     import torch
-    from cla2.engine import cache_kwarg, output_cache
+    from cla2.compat import cache_kwarg, output_cache
     from transformers import DynamicCache
 
     kw = cache_kwarg(model)
@@ -99,7 +99,7 @@ def bare_decode(model, prompt_ids, new_tokens: int, device) -> float:
 def bare_decode_batch(model, prompts: list[list[int]], new_tokens: int, device) -> float:
     """Total tokens/s of a plain greedy loop decoding equal-length prompts as one batch."""
     import torch
-    from cla2.engine import cache_kwarg, output_cache
+    from cla2.compat import cache_kwarg, output_cache
     from transformers import DynamicCache
 
     kw = cache_kwarg(model)

@@ -7,7 +7,7 @@ The CPU tests split a replica over devices that are all the CPU; this is the one
 and their KV caches, really sit on two devices and the hidden states cross between them:
 
 1. A random LLaMA (fp16 on the GPU side, the real shape's vocabulary 55296) is loaded once on cuda:0
-   alone and once with its layers split cuda:0 | cpu (``cla2.engine._load_split``, as ``--devices``
+   alone and once with its layers split cuda:0 | cpu (``cla2.loading._load_split``, as ``--devices``
    does). The split engine's outputs (8 concurrent requests, greedy and seeded, and the eval scorer's
    letters) must equal the single-device ones token for token; each layer's KV cache must be on its
    layer's device. The CPU half runs in fp32 there (CPU fp16 matmuls are slow), so the split run uses
@@ -32,7 +32,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         sys.exit("bench/gpu_split.py needs a CUDA GPU")
     from cla2 import plan, tiny
-    from cla2.engine import Engine, SamplingParams, _load_split, load_model
+    from cla2.engine import Engine, SamplingParams
+    from cla2.loading import _load_split, load_model
     from transformers import AutoModelForCausalLM
 
     failures = []

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from cla2 import eval as ev
-from cla2.engine import Engine, SamplingParams, load_model
+from cla2.engine import Engine, SamplingParams
+from cla2.loading import load_model
 
 GROUPS = [[0], [1]]  # the tiny model's two layers, one per device
 

@@ -8,11 +8,13 @@ import json
 import docstring_parser
 import pytest
 
-from cla2 import cli, finetune, merge, pretrain, training
+from cla2 import cli, finetune, merge, pretrain, settings, training
 
 
 @pytest.mark.parametrize("module", [finetune, pretrain, merge])
 def test_every_flag_is_documented(module, capsys):
+    """Each parameter is documented in the docstring (a settings group once, as a whole; its fields each in
+    cla2.settings), and every flag shows in --help."""
     doc = docstring_parser.parse(module.main.__doc__)
     documented = {p.arg_name for p in doc.params if p.description}
     params = {n for n in inspect.signature(module.main).parameters if not n.startswith("_")}
@@ -22,24 +24,32 @@ def test_every_flag_is_documented(module, capsys):
     parser = argparse.ArgumentParser()
     cli.add_function_arguments(parser, module.main)
     text = parser.format_help()
-    for name in params:
+    groups = settings.groups_of(module.main)
+    names = [n for n in params if n not in groups]
+    names += [f for g in groups.values() for f, _, _ in settings.fields_of(g)]
+    for name in names:
         assert "--" + name.replace("_", "-") in text
 
 
+def _flag_defaults(module) -> dict:
+    """{flag: default} of a job, its groups flattened."""
+    params = inspect.signature(module.main).parameters
+    return settings.flatten({n: p.default for n, p in params.items()})
+
+
 def test_contract_flags_exist():
-    flags = set(inspect.signature(finetune.main).parameters)
+    flags = _flag_defaults(finetune)
     for name in ("model", "data", "out", "max_steps", "epochs", "batch_size", "gradient_accumulation_steps", "lr",
                  "max_seq_length", "deepspeed", "dtype", "gradient_checkpointing", "save_steps", "resume",
                  "overwrite", "device", "seed", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
                  "modules_to_save"):
         assert name in flags, name
-    assert {"block_size", "resume", "overwrite"} <= set(inspect.signature(pretrain.main).parameters)
+    assert {"block_size", "resume", "overwrite"} <= set(_flag_defaults(pretrain))
     assert {"adapter", "model", "out", "dtype", "shard_size", "overwrite"} <= set(inspect.signature(merge.main).parameters)
-    sig = inspect.signature(finetune.main).parameters
-    assert sig["lora_rank"].default == 64 and sig["lora_alpha"].default == 128 and sig["lora_dropout"].default == 0.05
-    assert sig["lr"].default == 1e-4 and sig["warmup_ratio"].default == 0.03
-    assert inspect.signature(pretrain.main).parameters["lr"].default == 2e-4
-    assert inspect.signature(pretrain.main).parameters["block_size"].default == 1024
+    assert flags["lora_rank"] == 64 and flags["lora_alpha"] == 128 and flags["lora_dropout"] == 0.05
+    assert flags["lr"] == 1e-4 and flags["warmup_ratio"] == 0.03
+    assert _flag_defaults(pretrain)["lr"] == 2e-4
+    assert _flag_defaults(pretrain)["block_size"] == 1024
 
 
 @pytest.mark.parametrize("name", ["zero2", "zero3"])

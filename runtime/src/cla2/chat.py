@@ -9,35 +9,20 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cla2 import plan
-from cla2.engine import (
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_REPETITION_PENALTY,
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_K,
-    DEFAULT_TOP_P,
-    ContextTooLong,
-    Engine,
-    Result,
-    SamplingParams,
-)
+from cla2 import plan, settings
+from cla2.engine import ContextTooLong, Engine, Result
 from cla2.prompts import DEFAULT_SYSTEM_PROMPT, build_chat_prompt
+from cla2.settings import Placement, Sampling
 
 
+@settings.grouped
 def main(
     *,
     model: Path,
     adapter: Path | None = None,
-    device: str | None = None,
-    devices: list[int] | None = None,
-    dtype: str | None = None,
+    where: Placement = Placement(),
     system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-    temperature: float = DEFAULT_TEMPERATURE,
-    top_k: int = DEFAULT_TOP_K,
-    top_p: float = DEFAULT_TOP_P,
-    repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    seed: int | None = None,
+    sampling: Sampling = Sampling(),
     decode_graphs: bool | None = None,
 ) -> None:
     """Chat with the model in the terminal (/clear forgets the history, /exit quits).
@@ -45,22 +30,15 @@ def main(
     Args:
         model: Model folder (merged, or the base model when --adapter is given).
         adapter: LoRA adapter folder, merged at load time.
-        device: mlu, cuda or cpu (default: the best available).
-        devices: Device indices of this replica, e.g. 0,1: the layers are spread over them (default: the
-            plan's first group, as few devices as the model fits on; see `cla2 plan`).
-        dtype: fp32, fp16, bf16 or auto.
+        where: Device kind, devices and dtype (cla2.settings.Placement: --device, --devices, --dtype).
         system_prompt: System prompt of the Alpaca-2 template.
-        temperature: Sampling temperature; 0 is greedy.
-        top_k: Sample among the k most likely tokens (0: all).
-        top_p: Nucleus sampling threshold.
-        repetition_penalty: Penalty for tokens already seen (1: none).
-        max_new_tokens: Most tokens per answer.
-        seed: Random seed (answer i uses seed + i).
+        sampling: How answers are sampled (cla2.settings.Sampling: --temperature, --top-k, --top-p,
+            --repetition-penalty, --max-new-tokens, --seed; turn i uses seed + i).
         decode_graphs: Decode a request that runs alone through a static KV cache and a CUDA graph (torch.compile;
             default: on for CUDA only; the first request of each cache size waits while it compiles).
     """
-    placement, replica = plan.for_inference("chat", model, device, dtype, devices, 1)
-    engine = Engine.from_pretrained(model, adapter=adapter, device=device, dtype=dtype, max_batch_size=1,
+    placement, replica = plan.for_inference("chat", model, where.device, where.dtype, where.devices, 1)
+    engine = Engine.from_pretrained(model, adapter=adapter, device=where.device, dtype=where.dtype, max_batch_size=1,
                                     decode_graphs=decode_graphs, devices=replica,
                                     layer_groups=[s.layers for s in placement.shares])
     interactive = sys.stdin.isatty()
@@ -87,9 +65,7 @@ def main(
                 print("(conversation cleared)", file=out, flush=True)
                 continue
             messages = history + [{"role": "user", "content": text}]
-            params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                                    repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
-                                    seed=None if seed is None else seed + turn)
+            params = sampling.params(turn)
             while True:
                 try:
                     pieces = engine.stream(build_chat_prompt([{"role": "system", "content": system_prompt},

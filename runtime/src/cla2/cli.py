@@ -54,12 +54,54 @@ class CommaList:
         return [self.item(x) for x in text.split(",") if x]
 
 
+def _add_argument(parser: argparse.ArgumentParser, name: str, tp, default, help: str, positional: bool) -> None:  # noqa: A002
+    """One flag (or positional argument) of type ``tp``; ``default`` is ``inspect.Parameter.empty`` when required."""
+    tp, _ = _unwrap(tp)
+    kwargs: dict = {"help": help}
+    required = default is inspect.Parameter.empty
+    if positional:
+        # def main(benchmark, /, *, ...): a positional argument, as in `cla2 eval ceval`
+        flags = [name]
+        if not required:
+            kwargs["nargs"] = "?"
+    else:
+        flags = ["--" + name.replace("_", "-")]
+        kwargs["dest"] = name
+    if not required:
+        kwargs["default"] = default
+        if default not in (None, False, "") and tp is not bool:
+            kwargs["help"] += f" (default: {default})"
+    if tp is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(tp) is typing.Literal:
+        kwargs["choices"] = list(typing.get_args(tp))
+    elif typing.get_origin(tp) in (list, tuple):
+        item = typing.get_args(tp)[0] if typing.get_args(tp) else str
+        if positional:
+            # def main(jobs: list[str], /): one or more words, as in `cla2 flags finetune eval`
+            kwargs["nargs"] = "+" if required else "*"
+            kwargs["type"] = item
+        else:
+            kwargs["type"] = CommaList(item)
+            kwargs["metavar"] = "A,B,..."
+    elif tp in (int, float, str, Path):
+        kwargs["type"] = tp
+    if not positional:
+        kwargs["required"] = required
+    parser.add_argument(*flags, **kwargs)
+
+
 def add_function_arguments(parser: argparse.ArgumentParser, fn) -> None:
+    """The flags of ``fn``: one per parameter, help from its docstring; a parameter that is a settings group
+    (:mod:`cla2.settings`) gives one flag per field, help from the field, default from the parameter's default
+    instance (so each job keeps its own defaults)."""
     import docstring_parser
+
+    from cla2 import settings
 
     doc = docstring_parser.parse(fn.__doc__ or "")
     helps = {p.arg_name: p.description for p in doc.params}
-    hints = typing.get_type_hints(fn)
+    hints = typing.get_type_hints(inspect.unwrap(fn))
     for name, param in inspect.signature(fn).parameters.items():
         if param.kind == param.VAR_POSITIONAL:
             # def main(*argv, ...): what follows `--` on the command line (see split_command)
@@ -67,39 +109,14 @@ def add_function_arguments(parser: argparse.ArgumentParser, fn) -> None:
             continue
         if name.startswith("_") or param.kind == param.VAR_KEYWORD:
             continue
-        tp, _ = _unwrap(hints.get(name, str))
-        kwargs: dict = {"help": helps.get(name, "")}
-        required = param.default is inspect.Parameter.empty
-        if param.kind == param.POSITIONAL_ONLY:
-            # def main(benchmark, /, *, ...): a positional argument, as in `cla2 eval ceval`
-            flags = [name]
-            if not required:
-                kwargs["nargs"] = "?"
-        else:
-            flags = ["--" + name.replace("_", "-")]
-            kwargs["dest"] = name
-        if not required:
-            kwargs["default"] = param.default
-            if param.default not in (None, False, "") and tp is not bool:
-                kwargs["help"] += f" (default: {param.default})"
-        if tp is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(tp) is typing.Literal:
-            kwargs["choices"] = list(typing.get_args(tp))
-        elif typing.get_origin(tp) in (list, tuple):
-            item = typing.get_args(tp)[0] if typing.get_args(tp) else str
-            if param.kind == param.POSITIONAL_ONLY:
-                # def main(jobs: list[str], /): one or more words, as in `cla2 flags finetune eval`
-                kwargs["nargs"] = "+" if required else "*"
-                kwargs["type"] = item
-            else:
-                kwargs["type"] = CommaList(item)
-                kwargs["metavar"] = "A,B,..."
-        elif tp in (int, float, str, Path):
-            kwargs["type"] = tp
-        if param.kind != param.POSITIONAL_ONLY:
-            kwargs["required"] = required
-        parser.add_argument(*flags, **kwargs)
+        tp = hints.get(name, str)
+        if settings.is_group(tp):
+            group = param.default if param.default is not inspect.Parameter.empty else tp()
+            for field, ftp, fhelp in settings.fields_of(tp):
+                _add_argument(parser, field, ftp, getattr(group, field), fhelp, positional=False)
+            continue
+        _add_argument(parser, name, tp, param.default, helps.get(name, ""),
+                      positional=param.kind == param.POSITIONAL_ONLY)
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -147,8 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     args_command = args.pop("command")
     positional = [args.pop(n) for n, p in inspect.signature(fn).parameters.items()
                   if p.kind == p.POSITIONAL_ONLY]
+    from cla2 import settings
+
     try:
-        fn(*positional, *rest, **args)
+        fn(*positional, *rest, **settings.fold(fn, args))
     except KeyboardInterrupt:
         sys.exit(130)
     except (ValueError, OSError, RuntimeError) as exc:

@@ -44,6 +44,17 @@ from pathlib import Path
 
 import torch
 
+from cla2.compat import (
+    cache_kwarg,
+    filled_cache,
+    new_static_cache,
+    output_cache,
+    static_cache_class,
+    static_layers,
+)
+from cla2.compat import cudagraph_thread_state as _cudagraph_thread_state
+from cla2.loading import load_model
+
 # The seed's generation defaults.
 DEFAULT_TEMPERATURE = 0.2
 DEFAULT_TOP_K = 40
@@ -370,119 +381,6 @@ class Sampler:
             self.seen = torch.cat([self.seen, torch.tensor(tokens, device=self.seen.device)[:, None]], dim=1)
 
 
-def replica_device_map(net_skeleton, layer_groups: list[list[int]], torch_devices: list) -> dict:
-    """accelerate's device_map for a replica: decoder layer i on the device whose group holds it, the
-    embedding (and whatever else sits beside the layers, e.g. the rotary embedding) on the first device,
-    the final norm and the output layer on the last (on the first when the output layer is tied to the
-    embedding). The groups come from the plan, so what loads is what the plan counted."""
-    where = {i: torch_devices[d] for d, group in enumerate(layer_groups) for i in group}
-    first, last = torch_devices[0], torch_devices[-1]
-    tied = bool(getattr(net_skeleton.config, "tie_word_embeddings", False))
-    base = net_skeleton.base_model_prefix  # "model"
-    device_map: dict = {}
-    for name, _ in getattr(net_skeleton, base).named_children():
-        if name == "layers":
-            for i in range(len(getattr(net_skeleton, base).layers)):
-                device_map[f"{base}.layers.{i}"] = where[i]
-        else:
-            device_map[f"{base}.{name}"] = last if name == "norm" and not tied else first
-    for name, _ in net_skeleton.named_children():
-        if name != base:
-            device_map[name] = first if tied else last
-    return device_map
-
-
-def tokenizer_dir(model: Path, adapter: Path | None) -> Path:
-    """The adapter's folder when it ships a tokenizer (the seed's adapters do), else the model's."""
-    if adapter is not None and any((Path(adapter) / n).exists() for n in ("tokenizer.model", "tokenizer.json")):
-        return Path(adapter)
-    return Path(model)
-
-
-def load_model(model: Path, adapter: Path | None = None, device: str | None = None, dtype: str | None = None,
-               devices: list[int] | None = None, layer_groups: list[list[int]] | None = None):
-    """Load (model, tokenizer, torch device) from a Hugging Face folder, with an optional LoRA adapter
-    merged in. The tokenizer comes from the adapter folder when it ships one (the seed's adapters do).
-
-    ``devices``: the device indices of the replica (default: the current device alone). With more than one,
-    the layers are spread over them as ``layer_groups`` says (the plan's split; default: even), each weight
-    loaded straight onto its device, and accelerate's hooks carry the hidden states from device to device;
-    the returned torch device is the first one, where inputs go in and logits come out."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from cla2 import device as devices_mod
-    from cla2.io import check_loadable, load_pretrained
-
-    check_loadable(model)  # a clear error for a wrong folder or unreadable weights, before transformers' own
-    dev = devices_mod.pick(device)
-    torch_dtype = devices_mod.parse_dtype(dtype, dev)
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(model, adapter)))
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():
-        raise FileNotFoundError(f"adapter folder {adapter} has no adapter_config.json: point --adapter at "
-                                "the folder `cla2 finetune` wrote")
-    if devices is not None and len(devices) > 1:
-        net = _load_split(AutoModelForCausalLM, model, torch_dtype, [dev.torch_device(i) for i in devices],
-                          layer_groups)
-        torch_device = dev.torch_device(devices[0])
-    else:
-        net = load_pretrained(AutoModelForCausalLM, model, torch_dtype)
-        torch_device = dev.torch_device(devices[0] if devices else None)
-    if adapter is not None:
-        from peft import PeftModel
-
-        if net.get_input_embeddings().weight.shape[0] != len(tokenizer):
-            net.resize_token_embeddings(len(tokenizer))
-        net = PeftModel.from_pretrained(net, str(adapter)).merge_and_unload()
-    if getattr(net, "hf_device_map", None) is None or len(devices or []) <= 1:
-        net.to(torch_device)
-    net.eval()
-    return net, tokenizer, torch_device
-
-
-def _load_split(auto_cls, model: Path, torch_dtype, torch_devices: list, layer_groups: list[list[int]] | None):
-    """The model with its layers spread over ``torch_devices`` (see ``load_model``)."""
-    import accelerate
-    from transformers import AutoConfig
-
-    from cla2.io import dtype_key
-
-    config = AutoConfig.from_pretrained(str(model))
-    with accelerate.init_empty_weights():
-        skeleton = auto_cls.from_config(config)
-    n = config.num_hidden_layers
-    if layer_groups is None:
-        k = len(torch_devices)
-        layer_groups = [list(range(d * n // k, (d + 1) * n // k)) for d in range(k)]
-    device_map = replica_device_map(skeleton, layer_groups, torch_devices)
-    del skeleton
-    net = auto_cls.from_pretrained(str(model), device_map=device_map, **{dtype_key(): torch_dtype})
-    if getattr(net, "_hf_hook", None) is None:
-        # Every device of the replica is the same torch device (the CPU, or a test double's devices):
-        # transformers then skips accelerate's hooks. Add them anyway, so the replica runs the same code.
-        net = accelerate.dispatch_model(net, device_map=device_map, main_device=torch_devices[0], force_hooks=True)
-    return net
-
-
-def cache_kwarg(module) -> str:
-    """transformers 5.x renamed the forward's `past_key_values` to `cache`; older ones (MLU images) have
-    only the first."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-
-
-def output_cache(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
-def filled_cache(cls, layers) -> object:
-    """A ``cls`` (DynamicCache) holding these (keys, values) per layer. Filled through ``update`` rather
-    than the constructor's ``ddp_cache_data``, which transformers 4.55 appends after an empty first layer."""
-    cache = cls()
-    for i, (k, v) in enumerate(layers):
-        cache.update(k, v, i)
-    return cache
-
-
 def _stacked(old: torch.Tensor, new: torch.Tensor, total: int) -> torch.Tensor:
     """[B, H, T, D] cache tensors ``old`` and ``new`` as one of B + B' rows and ``total`` positions, each
     left-padded with zeros: one allocation, each value copied once."""
@@ -503,7 +401,7 @@ PREFILL_TOKENS = 2048
 MASK_HEADROOM = 256
 
 
-# The static cache is sized to what the lone request may still need, rounded up to a power of two: a few
+# The static cache is sized to what the batch's rows may still need, rounded up to a power of two: a few
 # sizes (one compiled graph each) serve every request, and attention reads little beyond the used part
 # (it reads the whole static cache, masked, at every step).
 STATIC_MIN_LEN = 256
@@ -523,101 +421,6 @@ def static_batch(rows: int, max_batch: int) -> int:
     while n < rows:
         n *= 2
     return min(n, max_batch)
-
-
-def bucket_static_cache(config, length: int, batch: int, device: torch.device, dtype: torch.dtype,
-                        layer_devices: list[torch.device] | None = None):
-    """``new_static_cache`` for a bucket of ``batch`` rows. transformers 4.56+ allocate a StaticCache at its
-    first update, for that update's batch, so ``new_static_cache`` serves any batch; older ones (4.55)
-    allocate at once for the batch size the constructor gets, which ``new_static_cache`` sets to 1.
-    (Meant to become a ``batch_size`` argument of ``new_static_cache``.)"""
-    cls = static_cache_class()
-    params = init_params(cls)
-    key = next((k for k in ("batch_size", "max_batch_size") if k in params), None)
-    if batch == 1 or key is None:
-        return new_static_cache(config, length, device, dtype, layer_devices)
-    kwargs: dict = {"config": config, "max_cache_len": length, key: batch}
-    if "device" in params:
-        kwargs["device"] = device
-    if "dtype" in params:
-        kwargs["dtype"] = dtype
-    if layer_devices is not None and "layer_device_map" in params:
-        kwargs["layer_device_map"] = dict(enumerate(layer_devices))
-    return cls(**kwargs)
-
-
-def static_cache_class():
-    """transformers' StaticCache, or None where this transformers has none."""
-    try:
-        from transformers import StaticCache
-    except ImportError:
-        return None
-    return StaticCache
-
-
-def init_params(cls) -> set[str]:
-    """The keyword arguments ``cls(...)`` takes, following ``**kwargs`` up the class hierarchy
-    (transformers 4.55's StaticCache passes everything on to Cache)."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        params = inspect.signature(vars(klass)["__init__"]).parameters
-        names |= {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            break
-    return names
-
-
-def new_static_cache(config, length: int, device: torch.device, dtype: torch.dtype,
-                     layer_devices: list[torch.device] | None = None):
-    """An empty StaticCache for one sequence of up to ``length`` tokens. transformers 4.56+ takes
-    (config, max_cache_len) and allocates on the first update; older ones allocate at once and want the
-    batch size (``batch_size`` or ``max_batch_size``; 4.55, the one tested, takes them through ``**kwargs``),
-    the device and the dtype (and, for a model split over devices, each layer's device)."""
-    cls = static_cache_class()
-    params = init_params(cls)
-    kwargs: dict = {"config": config, "max_cache_len": length}
-    if "batch_size" in params:
-        kwargs["batch_size"] = 1
-    elif "max_batch_size" in params:
-        kwargs["max_batch_size"] = 1
-    if "device" in params:
-        kwargs["device"] = device
-    if "dtype" in params:
-        kwargs["dtype"] = dtype
-    if layer_devices is not None and "layer_device_map" in params:
-        kwargs["layer_device_map"] = dict(enumerate(layer_devices))
-    return cls(**kwargs)
-
-
-def static_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(keys, values) per layer of a StaticCache, each [batch, heads, max_cache_len, head_dim]."""
-    if hasattr(cache, "layers"):  # transformers 4.56+
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache, strict=True))
-
-
-def _cudagraph_thread_state() -> None:
-    """Let this (the engine's) thread use CUDA graph trees. torch before 2.13 keeps their state in
-    thread-local storage set up only on the importing thread and autograd's threads, and fails with a
-    bare AssertionError in ``cudagraph_trees.get_obj`` anywhere else (pytorch#123177, fixed there by
-    initializing it lazily, which is what this does for older versions)."""
-    try:
-        from torch._inductor import cudagraph_trees as trees
-    except Exception:  # noqa: BLE001 - no inductor: torch.compile fails later and the engine falls back
-        return
-    local = getattr(trees, "local", None)
-    if local is None or hasattr(local, "tree_manager_containers"):
-        return
-    if torch._C._is_key_in_tls("tree_manager_containers"):
-        return
-    init = getattr(trees, "_initialize_tls", None)
-    if init is not None:
-        init(local)
-    else:
-        local.tree_manager_containers = {}
-        local.tree_manager_locks = collections.defaultdict(threading.Lock)
 
 
 def fit_prompt(prompt_ids: list[int], params: SamplingParams, window: int, truncate: bool,
@@ -1062,7 +865,7 @@ class Engine:
             budget = self.max_batch_size * self.window
             while self._static_caches and sum(b * n for b, n in self._static_caches) + batch * length > budget:
                 self._static_caches.popitem(last=False)
-            cache = bucket_static_cache(self.model.config, length, batch, self.device, self._dtype, layer_devices)
+            cache = new_static_cache(self.model.config, length, self.device, self._dtype, layer_devices, batch)
             self.static_allocations += 1
         else:
             cache.reset()

@@ -28,9 +28,10 @@ from typing import Literal
 
 import torch
 
-from cla2 import status
-from cla2.engine import filled_cache, output_cache
+from cla2 import settings, status
+from cla2.compat import filled_cache, output_cache
 from cla2.prompts import build_prompt
+from cla2.settings import Placement
 
 CHOICES = "ABCD"
 FEW_SHOT_HEADER = "以下是中国关于{}考试的单项选择题，请选出其中的正确答案。\n\n"
@@ -163,7 +164,7 @@ class Scorer:
     def __init__(self, model, tokenizer, device: torch.device, batch_size: int = 16):
         from transformers import DynamicCache
 
-        from cla2.engine import cache_kwarg
+        from cla2.compat import cache_kwarg
 
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.batch_size = max(1, batch_size)
@@ -331,6 +332,7 @@ def across_replicas(benchmark: str, groups: list[list[int]], sets: dict, **job_f
 
 
 @status.tracked("eval")
+@settings.grouped
 def main(
     benchmark: Literal["ceval", "cmmlu"],
     /,
@@ -344,10 +346,8 @@ def main(
     subjects: list[str] | None = None,
     do_test: bool = False,
     batch_size: int | None = None,
-    device: str | None = None,
-    devices: list[int] | None = None,
+    where: Placement = Placement(),
     replicas: int | None = None,
-    dtype: str | None = None,
     overwrite: bool = False,
 ) -> dict:
     """Evaluate on C-Eval or CMMLU; writes OUT/take0/summary.json, OUT/take0/submission.json, OUT/report.md, OUT/run.json.
@@ -367,18 +367,16 @@ def main(
         do_test: C-Eval: also predict the test split (no answers) and put those predictions in submission.json.
         batch_size: Questions scored together (default: 16, or fewer when the plan finds room for fewer; a number
             given here stands).
-        device: mlu, cuda or cpu (default: the best available).
-        devices: Device indices of this replica, e.g. 0,1: the layers are spread over them (default: the
-            plan's first group, as few devices as the model fits on; see `cla2 plan`).
+        where: Device kind, devices and dtype (cla2.settings.Placement: --device, --devices, --dtype).
         replicas: Replica processes to split the subjects over, one per device group of the plan (default: as
             many as the host holds; 1 scores in this process). Not with --devices, which names one replica.
-        dtype: fp32, fp16, bf16 or auto.
         overwrite: Replace a non-empty OUT.
     """
     from tqdm import tqdm
 
-    from cla2.engine import load_model
-    from cla2.io import atomic_output_dir, check_output_dir, run_record, write_json
+    from cla2.io import atomic_output_dir, check_output_dir
+    from cla2.loading import load_model
+    from cla2.record import RUN_FILE, run_record, write
 
     began = time.time()
     if benchmark not in BENCHMARKS:
@@ -420,6 +418,7 @@ def main(
     from cla2 import plan
     from cla2 import replicas as replica_processes
 
+    device, devices, dtype = where.device, where.devices, where.dtype
     placement, replica = plan.for_inference("eval", model, device, dtype, devices, batch_size)
     groups = replica_processes.groups(placement, replica, devices, replicas, len(sets), "subjects")
     started = time.perf_counter()
@@ -472,13 +471,13 @@ def main(
                                                             encoding="utf-8")
         write_report(tmp / "report.md", benchmark, summary, meta, info)
         run = run_record(
-            "eval", args, began, time.time(), command="eval", benchmark=benchmark, plan=placement.to_json(),
+            "eval", args, began, time.time(), benchmark=benchmark, plan=placement.to_json(),
             device=placement.kind, device_groups=groups, dtype=placement.dtype,
             metrics={"accuracy": summary["All"]["score"],
                      "grouped": {g: v["score"] for g, v in summary["grouped"].items()}, "questions": questions,
                      "seconds": round(seconds, 3), "questions_per_second": round(info["questions_per_second"], 3),
                      "forward_passes": forwards})
-        write_json(tmp / "run.json", run)
+        write(tmp / RUN_FILE, run)
     print(f"{benchmark}: {questions} questions, accuracy {100 * summary['All']['score']:.2f}% "
           f"({info['questions_per_second']:.1f} questions/s) -> {out}", file=sys.stderr)
     return summary

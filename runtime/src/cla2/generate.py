@@ -16,19 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-from cla2 import plan, status
+from cla2 import plan, settings, status
 from cla2 import replicas as replica_processes
-from cla2.engine import (
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_REPETITION_PENALTY,
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_K,
-    DEFAULT_TOP_P,
-    Engine,
-    InvalidRequest,
-    SamplingParams,
-)
+from cla2.engine import Engine, InvalidRequest, SamplingParams
 from cla2.prompts import DEFAULT_SYSTEM_PROMPT, build_chat_prompt, build_prompt, join_instruction
+from cla2.settings import Placement, Sampling
 
 
 def read_prompts(path: Path, with_prompt: bool, system_prompt: str) -> tuple[list[dict], list[str]]:
@@ -70,7 +62,8 @@ def check_prompts(path: Path, prompts: list[str], params: list[SamplingParams], 
     """What the engine checks of each prompt, with only the tokenizer and the model's window."""
     from transformers import AutoTokenizer
 
-    from cla2.engine import fit_prompt, tokenizer_dir
+    from cla2.engine import fit_prompt
+    from cla2.loading import tokenizer_dir
     from cla2.plan import read_shape
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(model, adapter)))
@@ -129,25 +122,19 @@ def across_replicas(groups: list[list[int]], records: list[dict], output: Path, 
 
 
 @status.tracked("generate")
+@settings.grouped
 def main(
     *,
     model: Path,
     input: Path,
     output: Path,
     adapter: Path | None = None,
-    device: str | None = None,
-    devices: list[int] | None = None,
+    where: Placement = Placement(),
     replicas: int | None = None,
-    dtype: str | None = None,
     batch_size: int | None = None,
     with_prompt: bool = True,
     system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-    temperature: float = DEFAULT_TEMPERATURE,
-    top_k: int = DEFAULT_TOP_K,
-    top_p: float = DEFAULT_TOP_P,
-    repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    seed: int | None = None,
+    sampling: Sampling = Sampling(),
     truncate: bool = False,
     decode_graphs: bool | None = None,
     overwrite: bool = False,
@@ -163,46 +150,38 @@ def main(
         input: JSONL file; each line has 'instruction' (+ 'input'), 'messages' or 'prompt'.
         output: JSONL file to write (refused if it exists, unless --overwrite).
         adapter: LoRA adapter folder, merged at load time.
-        device: mlu, cuda or cpu (default: the best available).
-        devices: Device indices of this replica, e.g. 0,1: the layers are spread over them (default: the
-            plan's first group, as few devices as the model fits on; see `cla2 plan`).
+        where: Device kind, devices and dtype (cla2.settings.Placement: --device, --devices, --dtype).
         replicas: Replica processes to split the prompts over, one per device group of the plan (default: as many
             as the host holds; 1 generates in this process). Not with --devices, which names one replica.
-        dtype: fp32, fp16, bf16 or auto.
         batch_size: Prompts decoded together (default: 8, or fewer when the plan finds room for fewer; a number
             given here stands).
         with_prompt: Wrap 'instruction' records in the Alpaca-2 chat template.
         system_prompt: System prompt of the template.
-        temperature: Sampling temperature; 0 is greedy.
-        top_k: Sample among the k most likely tokens (0: all).
-        top_p: Nucleus sampling threshold.
-        repetition_penalty: Penalty for tokens already seen (1: none).
-        max_new_tokens: Most tokens generated per prompt.
-        seed: Random seed; line i uses seed + i, so a rerun gives the same outputs.
+        sampling: How answers are sampled (cla2.settings.Sampling: --temperature, --top-k, --top-p,
+            --repetition-penalty, --max-new-tokens, --seed; line i uses seed + i, so a rerun gives the same
+            outputs).
         truncate: Cut over-long prompts from the left instead of failing.
         decode_graphs: Decode a request that runs alone through a static KV cache and a CUDA graph (torch.compile;
             default: on for CUDA only; the first request of each cache size waits while it compiles).
         overwrite: Replace an existing output file.
     """
-    from cla2.io import run_record, write_json
+    from cla2.record import run_record, write
 
     began = time.time()
-    args = {k: v for k, v in locals().items() if k not in ("began", "run_record", "write_json")}
+    args = settings.flatten({k: v for k, v in locals().items() if k not in ("began", "run_record", "write")})
     output = Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"output file {output} exists: choose another --output or pass --overwrite")
     records, prompts = read_prompts(input, with_prompt, system_prompt)
-    placement, replica = plan.for_inference("generate", model, device, dtype, devices, batch_size)
+    placement, replica = plan.for_inference("generate", model, where.device, where.dtype, where.devices, batch_size)
     batch_size = placement.batch
-    groups = replica_processes.groups(placement, replica, devices, replicas, len(prompts), "prompts")
-    params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                             repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
-                             seed=None if seed is None else seed + i) for i in range(len(prompts))]
+    groups = replica_processes.groups(placement, replica, where.devices, replicas, len(prompts), "prompts")
+    params = [sampling.params(i) for i in range(len(prompts))]
     check_prompts(input, prompts, params, model, adapter, truncate)  # before any model loads or replica starts
     st = status.current()
 
     def record(generated: int, seconds: float) -> Path:
-        write_json(run_file(output), run_record(
+        write(run_file(output), run_record(
             "generate", args, began, time.time(), input=str(Path(input).resolve()), output=str(output.resolve()),
             prompts=len(records), generated_tokens=generated, generate_seconds=round(seconds, 3),
             generated_tokens_per_s=round(generated / max(seconds, 1e-9), 1), plan=placement.to_json(),
@@ -210,10 +189,11 @@ def main(
         return output
 
     if len(groups) > 1:
+        given = {**args, "batch_size": batch_size}
         _, generated, seconds = across_replicas(groups, records, output,
-                                                {k: v for k, v in locals().items() if k in REPLICA_FLAGS}, seed)
+                                                {k: v for k, v in given.items() if k in REPLICA_FLAGS}, sampling.seed)
         return record(generated, seconds)
-    engine = Engine.from_pretrained(model, adapter=adapter, device=device, dtype=dtype,
+    engine = Engine.from_pretrained(model, adapter=adapter, device=where.device, dtype=where.dtype,
                                     max_batch_size=batch_size, truncate=truncate,
                                     decode_graphs=decode_graphs, devices=replica,
                                     layer_groups=[s.layers for s in placement.shares])

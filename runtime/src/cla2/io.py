@@ -1,7 +1,7 @@
 """Output folders, weight files and run records: written completely or not at all.
 
-Every job leaves a ``run.json`` beside its output (``run_record``): the same common keys for all of them,
-so a supervisor (or a person, months later) reads any job's record the same way, plus the job's own.
+Every job leaves a ``run.json`` beside its output, written and read by ``cla2.record``: the same common keys for
+all of them, so a supervisor (or a person, months later) reads any job's record the same way, plus the job's own.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from cla2.compat import dtype_key, torch_load_refused
 
 RUN_FILE = "run.json"
 
@@ -253,27 +255,12 @@ def save_sharded(state_dict: dict[str, torch.Tensor], folder: Path, shards: int 
         (Path(folder) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def dtype_key() -> str:
-    """What this transformers calls the weight dtype, in ``from_pretrained`` and in the config:
-    ``dtype`` from 4.56 on, ``torch_dtype`` before (torch 2.1 images cannot go past 4.55)."""
-    import transformers
-    from packaging.version import Version
-
-    return "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
-
-
 def check_loadable(model: Path) -> None:
     """Refuse, with the way out, PyTorch .bin weights that this transformers will not read: from 4.50 on
     it refuses ``torch.load`` under torch < 2.6 (CVE-2025-32434; Cambricon's image has torch 2.1), and
     the published Chinese-LLaMA-2 / Alpaca-2 folders are .bin."""
-    from transformers.utils import import_utils
-
     bins = [f for f in weight_files(model) if f.suffix == ".bin"]
-    if not bins or not hasattr(import_utils, "check_torch_load_is_safe"):
-        return
-    try:
-        import_utils.check_torch_load_is_safe()
-    except ValueError:
+    if bins and torch_load_refused():
         import transformers
 
         raise ValueError(
@@ -282,7 +269,7 @@ def check_loadable(model: Path) -> None:
             "before torch 2.6 is unsafe for untrusted files, CVE-2025-32434). Convert it to safetensors once, in "
             f"place and without running the files' pickles: cla2 convert --model {model} (the model_weights role "
             "does this when it places a .bin model; with torch >= 2.6 elsewhere, from_pretrained(DIR)"
-            ".save_pretrained(OUT) works too)") from None
+            ".save_pretrained(OUT) works too)")
 
 
 def load_pretrained(auto_cls, model: Path, dtype: torch.dtype):
@@ -345,17 +332,6 @@ def jsonable(v):
     if v is None or isinstance(v, bool | int | float | str):
         return v
     return str(v)
-
-
-def run_record(job: str, args: dict, started: float, ended: float | None = None, outcome: str = "succeeded",
-               **extra) -> dict:
-    """A job's run.json: the common keys (job, args, versions, started, ended, seconds, outcome), then the job's
-    own ``extra`` keys. ``ended`` None (a record written while the job runs) leaves ended and seconds null."""
-    common = {"job": job, "args": jsonable({k: v for k, v in args.items() if not k.startswith("_")}),
-              "versions": versions(), "started": iso_time(started),
-              "ended": iso_time(ended) if ended is not None else None,
-              "seconds": round(ended - started, 2) if ended is not None else None, "outcome": outcome}
-    return {**common, **extra}
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -33,7 +33,9 @@ from typing import Literal
 import torch
 
 from cla2 import status, torchbin
-from cla2.io import atomic_output_dir, check_output_dir, run_record, weight_files, write_json
+from cla2.compat import torch_load_is_safe
+from cla2.io import atomic_output_dir, check_output_dir, weight_files
+from cla2.record import RUN_FILE, read, run_record, write
 
 ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -129,14 +131,6 @@ def release_pages(t: torch.Tensor) -> None:
         _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
     except (OSError, AttributeError):
         pass
-
-
-def torch_load_is_safe() -> bool:
-    """torch.load(weights_only=True) is trusted from torch 2.6 on (CVE-2025-32434); before, .bin files are read
-    with cla2.torchbin, which never runs their pickle."""
-    from packaging.version import Version
-
-    return Version(torch.__version__.split("+")[0]).release >= (2, 6)
 
 
 def bin_refs(path: Path) -> dict[str, TensorRef]:
@@ -363,11 +357,9 @@ def _layout(entries: list[tuple[str, tuple[int, ...], torch.dtype]], shard_bytes
 
 
 def _base_from_run(adapter: Path) -> Path:
-    run = adapter / "run.json"
-    if run.exists():
-        base = json.loads(run.read_text()).get("base_model")
-        if base:
-            return Path(base)
+    run = read(adapter)
+    if run and run.get("base_model"):
+        return Path(run["base_model"])
     cfg = adapter / "adapter_config.json"
     if cfg.exists():
         base = json.loads(cfg.read_text()).get("base_model_name_or_path")
@@ -482,7 +474,7 @@ def main(
                 "shards": writer.names, "seconds": round(time.time() - started, 2)}
         (tmp / "merge.json").write_text(json.dumps(info, indent=2))
         st.update("saving", force=True)
-        write_json(tmp / "run.json", run_record("merge", args, began, time.time(), **{
+        write(tmp / RUN_FILE, run_record("merge", args, began, time.time(), **{
             k: v for k, v in info.items() if k not in ("job", "seconds")}, merge_seconds=info["seconds"]))
     print(f"merged {len(lora)} LoRA targets and {len(full)} full tensors into {out}")
     return out

@@ -80,7 +80,8 @@ def main(
     """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from cla2.io import atomic_output_dir, dtype_key, save_sharded
+    from cla2.compat import dtype_key
+    from cla2.io import atomic_output_dir, save_sharded
 
     out = Path(out)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:

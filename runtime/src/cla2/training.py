@@ -1,8 +1,10 @@
 """What `cla2 finetune` and `cla2 pretrain` share: checks, LoRA set-up, the Trainer run and the outputs.
 
-The jobs build a dataset; :func:`run` does the rest, in this order, so that bad input fails before
-anything is written: device and dtype, output folder (resume / overwrite), DeepSpeed config, model
-weights, tokenizer size against the model's vocabulary, the dataset. Only then is --out created.
+The jobs take their settings as groups (:mod:`cla2.settings`: ``Train``, ``Lora``) and build a dataset;
+:func:`run` does the rest in four steps. :func:`prepare` checks, in this order, so that bad input fails
+before anything is written: device and dtype, output folder (resume / overwrite), DeepSpeed config, model
+weights, the plan, tokenizer size against the model's vocabulary, the dataset. Only then is --out created;
+:func:`build` loads the model with its adapters, :func:`fit` trains, :func:`save` writes the outputs.
 
 Outputs in --out: ``adapter_config.json`` + ``adapter_model.safetensors`` (a standard PEFT adapter),
 the tokenizer, ``run.json`` (resolved arguments, versions, device, world size, data fingerprint, metrics,
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import json
 import os
 import re
@@ -31,9 +32,10 @@ from pathlib import Path
 import torch
 
 from cla2 import status
+from cla2.compat import own_checkpoints_loadable as _own_checkpoints_loadable
+from cla2.compat import training_arguments as _training_arguments
 from cla2.device import Device, parse_dtype, pick
 from cla2.io import (
-    RUN_FILE,
     OutputExistsError,
     check_loadable,
     iso_time,
@@ -42,14 +44,14 @@ from cla2.io import (
     output_lock,
     partial_dir,
     replace_final_files,
-    run_record,
-    write_json,
 )
 from cla2.io import versions as versions  # noqa: F401  (cla2.training.versions, as before)
+from cla2.record import RUN_FILE, read, run_record, with_old_names, write
+from cla2.settings import LORA_TARGETS as LORA_TARGETS  # cla2.training.LORA_TARGETS, as before
+from cla2.settings import MODULES_TO_SAVE as MODULES_TO_SAVE
+from cla2.settings import Lora, Train, flatten
 
 CONFIGS = Path(__file__).parent / "configs"
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MODULES_TO_SAVE = ("embed_tokens", "lm_head")
 TENSORBOARD_DIR = "runs"  # under --out, where the seed's HF Trainer scripts put it (logging_dir)
 # Settings that must not change between an interrupted run and its --resume.
 RESUME_KEYS = ("model", "data", "lora_rank", "lora_alpha", "lora_targets", "modules_to_save", "batch_size",
@@ -122,12 +124,7 @@ def check_out(out: Path, job: str, resume: bool, overwrite: bool, settings: dict
         raise OutputExistsError(f"output {out} exists and is not a folder: choose another --out")
     busy = out.is_dir() and any(out.iterdir())
     ckpt = last_checkpoint(out) if resume else None
-    previous = None
-    if busy and (out / RUN_FILE).exists():
-        try:
-            previous = json.loads((out / RUN_FILE).read_text())
-        except json.JSONDecodeError:
-            previous = None
+    previous = read(out / RUN_FILE) if busy else None
     if resume and previous is not None:
         if previous.get("job") != job:
             raise TrainingSetupError(f"--out {out} holds a {previous.get('job')} run, not {job}: choose another --out")
@@ -168,27 +165,6 @@ def plot_loss(log_history: Sequence[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _training_arguments(**kwargs):
-    """TrainingArguments across transformers 4.40 .. 5.x (renamed and removed fields)."""
-    from transformers import TrainingArguments
-
-    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    warmup = kwargs.pop("warmup_ratio")
-    if "warmup_ratio" in fields:
-        kwargs["warmup_ratio"] = warmup
-    else:
-        kwargs["warmup_steps"] = warmup  # 5.x: a float below 1 is a ratio
-    if "activation_checkpointing" in fields:  # 5.x renamed gradient checkpointing
-        kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
-        kwargs["activation_checkpointing_kwargs"] = kwargs.pop("gradient_checkpointing_kwargs")
-    if kwargs.pop("use_cpu"):
-        kwargs["use_cpu" if "use_cpu" in fields else "no_cuda"] = True
-    unknown = [k for k in kwargs if k not in fields]
-    for k in unknown:
-        kwargs.pop(k)
-    return TrainingArguments(**kwargs)
 
 
 def adapter_state(model, zero3: bool) -> dict[str, torch.Tensor]:
@@ -253,241 +229,222 @@ def plan_run(job: str, model: Path, dev: Device, base_dtype: torch.dtype, world_
 
 
 # --------------------------------------------------------------------------------------- the run
-def run_options(args: dict) -> dict:
-    """The flags of a job that ``run`` takes as parameters (the job's own, e.g. --data, stay in ``args``)."""
-    params = inspect.signature(run).parameters
-    return {k: v for k, v in args.items() if k in params and k not in ("job", "make_dataset", "args", "callbacks")}
+@dataclasses.dataclass
+class Prepared:
+    """What :func:`prepare` checked and resolved, before anything is written: all that build, fit and save
+    need. ``train`` is the job's Train settings with the plan's decisions in (micro-batch, accumulation,
+    gradient checkpointing)."""
+
+    job: str
+    model: Path
+    out: Path
+    tok_dir: Path
+    tokenizer: object
+    train: Train
+    settings: dict
+    began: float
+    rank: int
+    world_size: int
+    dev: Device
+    torch_dtype: torch.dtype
+    base_dtype: torch.dtype
+    on_cpu: bool
+    resume_from: Path | None
+    ds_config: dict | None
+    placement: object
+    dataset: object
+    data_info: dict
+    pad_id: int
+
+    @property
+    def zero3(self) -> bool:
+        return bool(self.ds_config and self.ds_config.get("zero_optimization", {}).get("stage") == 3)
 
 
-def run(
-    *,
-    job: str,
-    make_dataset: Callable,
-    args: dict,
-    model: Path,
-    out: Path,
-    tokenizer: Path | None,
-    max_steps: int,
-    epochs: float,
-    batch_size: int,
-    gradient_accumulation_steps: int,
-    lr: float,
-    warmup_ratio: float,
-    weight_decay: float,
-    lora_rank: int,
-    lora_alpha: float,
-    lora_dropout: float,
-    lora_targets: Sequence[str],
-    modules_to_save: Sequence[str],
-    deepspeed: str | None,
-    dtype: str,
-    gradient_checkpointing: bool | None,
-    group_by_length: bool,
-    save_steps: int,
-    save_total_limit: int,
-    logging_steps: int,
-    resume: bool,
-    overwrite: bool,
-    device: str,
-    seed: int,
-    callbacks: Sequence | None = None,
-) -> dict:
-    """Check everything, train, save the adapter, run.json and loss.png; returns run.json's content."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-    from transformers.integrations import is_tensorboard_available
+def run(*, job: str, model: Path, out: Path, tokenizer: Path | None, train: Train, lora: Lora,
+        make_dataset: Callable, args: dict, seq_len: int, group_by_length: bool = True,
+        callbacks: Sequence | None = None) -> dict:
+    """Check everything (:func:`prepare`), load the model with its adapters (:func:`build`), train (:func:`fit`)
+    and write the adapter, run.json and loss.png (:func:`save`); returns run.json's content.
 
+    ``args`` are the job's arguments as given (its groups flattened into run.json's ``args``); ``make_dataset``
+    turns the tokenizer into (dataset, description for run.json); ``seq_len`` is the longest example."""
     began = time.time()
-    out, model = Path(out), Path(model)
+    prep = prepare(job, Path(model), Path(out), tokenizer, train, lora, make_dataset, args, seq_len, began)
+    from transformers import set_seed
+
+    # Nothing was written so far; from here on --out is ours.
+    set_seed(prep.train.seed)
+    training_args, logging_dir = trainer_arguments(prep)
+    peft_model = build(prep, lora)
+    # run.json while it runs says outcome "running" (ended and seconds null); "succeeded" once the adapter is
+    # saved, "failed" (with the error) if the run raises (cla2.record; it keeps the older names too).
+    record = run_record(
+        job, prep.settings, began, outcome="running", base_model=str(prep.model.resolve()),
+        tokenizer=str(prep.tok_dir.resolve()), vocab_size=len(prep.tokenizer), device=prep.dev.kind,
+        dtype=str(prep.torch_dtype).replace("torch.", ""), world_size=prep.world_size, deepspeed=prep.ds_config,
+        data=prep.data_info, resumed_from=str(prep.resume_from) if prep.resume_from else None,
+        plan=prep.placement.to_json(), tensorboard=str(logging_dir.resolve()) if "tensorboard" in training_args.report_to else None)
+    if prep.rank == 0:
+        prep.out.mkdir(parents=True, exist_ok=True)
+        write(prep.out / RUN_FILE, record)
+    try:
+        trainer, result, seconds = fit(prep, training_args, peft_model, logging_dir, group_by_length, callbacks)
+        return save(prep, record, trainer, result, seconds)
+    except BaseException as exc:
+        if prep.rank == 0:
+            ended = time.time()
+            record.update(outcome="failed", error=status.error_message(exc), ended=iso_time(ended),
+                          seconds=round(ended - began, 2))
+            with_old_names(record)
+            with contextlib.suppress(OSError):
+                write(prep.out / RUN_FILE, record)
+        raise
+
+
+def prepare(job: str, model: Path, out: Path, tokenizer: Path | None, train: Train, lora: Lora,
+            make_dataset: Callable, args: dict, seq_len: int, began: float) -> Prepared:
+    """Every check that can fail before anything is written, in this order: device and dtype, output folder
+    (resume / overwrite), DeepSpeed config, model weights, the plan, tokenizer size against the model's
+    vocabulary, LoRA rank and steps, the dataset."""
+    from transformers import AutoTokenizer
+
     rank, world_size = world()
-    dev: Device = pick(device)
-    torch_dtype = parse_dtype(dtype, dev)
+    dev: Device = pick(train.device)
+    torch_dtype = parse_dtype(train.dtype, dev)
     check_ranks(dev)
     # Where the tensors live: the CPU for --device cpu (and for a CPU-backed test double of a device). There
     # the frozen base stays in fp32 (and autocasts); accelerators hold it in the training dtype.
     on_cpu = dev.torch_device().type == "cpu"
     base_dtype = torch.float32 if on_cpu else torch_dtype
-    settings = {k: jsonable(v) for k, v in args.items() if not k.startswith("_")}
+    settings = {k: jsonable(v) for k, v in flatten(args).items() if not k.startswith("_")}
     if rank == 0 and out.parent.is_dir():
         with output_lock(out):  # what a killed run of --out left beside it: cleaned (or its swap finished)
             pass
-    resume_from = check_out(out, job, resume, overwrite, settings, world_size)
-    ds_config = resolve_deepspeed(deepspeed)
+    resume_from = check_out(out, job, train.resume, train.overwrite, settings, world_size)
+    ds_config = resolve_deepspeed(train.deepspeed)
     check_loadable(model)  # a folder without weights, or weights transformers won't read, fail here
     if not (model / "config.json").exists():
         raise FileNotFoundError(f"model folder {model} has no config.json: point --model at a Hugging Face model folder")
-    placement = plan_run(job, model, dev, base_dtype, world_size, deepspeed, ds_config, gradient_checkpointing,
-                         batch_size, gradient_accumulation_steps, int(args.get("max_seq_length") or args.get("block_size")
-                                                                      or 1024), lora_rank, lora_targets, modules_to_save)
+    placement = plan_run(job, model, dev, base_dtype, world_size, train.deepspeed, ds_config,
+                         train.gradient_checkpointing, train.batch_size, train.gradient_accumulation_steps,
+                         seq_len or 1024, lora.lora_rank, lora.lora_targets, lora.modules_to_save)
     if rank == 0:
         print(placement.summary(), flush=True)
-    if deepspeed == "auto":
+    if train.deepspeed == "auto":
         ds_config = resolve_deepspeed(placement.deepspeed)
-    gradient_checkpointing = placement.gradient_checkpointing
-    batch_size, gradient_accumulation_steps = placement.micro_batch, placement.gradient_accumulation_steps
-    zero3 = bool(ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3)
-    if ds_config is not None and on_cpu:
+    train = dataclasses.replace(train, gradient_checkpointing=placement.gradient_checkpointing,
+                                batch_size=placement.micro_batch,
+                                gradient_accumulation_steps=placement.gradient_accumulation_steps)
+    tok_dir = Path(tokenizer) if tokenizer else model
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    check_vocab(tok, tok_dir, model)
+    if lora.lora_rank <= 0:
+        raise TrainingSetupError(f"--lora-rank must be positive, got {lora.lora_rank}")
+    if train.max_steps <= 0 and train.epochs <= 0:
+        raise TrainingSetupError("give --max-steps N or --epochs F (> 0)")
+    dataset, data_info = make_dataset(tok)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.unk_token_id or 0)
+    return Prepared(job=job, model=model, out=out, tok_dir=tok_dir, tokenizer=tok, train=train, settings=settings,
+                    began=began, rank=rank, world_size=world_size, dev=dev, torch_dtype=torch_dtype,
+                    base_dtype=base_dtype, on_cpu=on_cpu, resume_from=resume_from, ds_config=ds_config,
+                    placement=placement, dataset=dataset, data_info=data_info, pad_id=pad_id)
+
+
+def trainer_arguments(prep: Prepared):
+    """The Trainer's TrainingArguments from the resolved settings, and the TensorBoard folder. Made before
+    the model loads: under ZeRO-3 they switch on the partitioned loading (zero.Init)."""
+    from transformers.integrations import is_tensorboard_available
+
+    t = prep.train
+    tensorboard = is_tensorboard_available()
+    if not tensorboard and prep.rank == 0:
+        print("cla2: tensorboard is not installed, so no TensorBoard event files are written "
+              "(pip install 'tensorboard>=2.14'); loss.png and run.json are", flush=True)
+    logging_dir = prep.out / TENSORBOARD_DIR
+    if prep.ds_config is not None and prep.on_cpu:
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a C++ build, minutes, needing a
         # compiler in the container) when it starts; CPU runs are tests and sandboxes, gloo alone does.
         import deepspeed.ops as ds_ops
 
         ds_ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    tok_dir = Path(tokenizer) if tokenizer else model
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    check_vocab(tok, tok_dir, model)
-    if lora_rank <= 0:
-        raise TrainingSetupError(f"--lora-rank must be positive, got {lora_rank}")
-    if max_steps <= 0 and epochs <= 0:
-        raise TrainingSetupError("give --max-steps N or --epochs F (> 0)")
-    dataset, data_info = make_dataset(tok)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.unk_token_id or 0)
-
-    # Nothing was written so far; from here on --out is ours.
-    set_seed(seed)
-    tensorboard = is_tensorboard_available()
-    if not tensorboard and rank == 0:
-        print("cla2: tensorboard is not installed, so no TensorBoard event files are written "
-              "(pip install 'tensorboard>=2.14'); loss.png and run.json are", flush=True)
-    logging_dir = out / TENSORBOARD_DIR
     training_args = _training_arguments(
-        output_dir=str(out), overwrite_output_dir=True, max_steps=max_steps if max_steps > 0 else -1,
-        num_train_epochs=epochs if epochs > 0 else 1.0, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=lr, lr_scheduler_type="cosine",
-        warmup_ratio=warmup_ratio, weight_decay=weight_decay, logging_steps=logging_steps,
-        logging_first_step=True, save_strategy="steps", save_steps=save_steps, save_total_limit=save_total_limit,
-        bf16=torch_dtype == torch.bfloat16, fp16=torch_dtype == torch.float16, gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
-        deepspeed=ds_config, use_cpu=on_cpu,
+        output_dir=str(prep.out), overwrite_output_dir=True, max_steps=t.max_steps if t.max_steps > 0 else -1,
+        num_train_epochs=t.epochs if t.epochs > 0 else 1.0, per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.lr, lr_scheduler_type="cosine",
+        warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, logging_steps=t.logging_steps,
+        logging_first_step=True, save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        bf16=prep.torch_dtype == torch.bfloat16, fp16=prep.torch_dtype == torch.float16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        deepspeed=prep.ds_config, use_cpu=prep.on_cpu,
         # on the CPU accelerate takes gloo itself (and refuses any other backend)
-        ddp_backend=dev.backend if world_size > 1 and not on_cpu else None, ddp_find_unused_parameters=False, seed=seed,
-        data_seed=seed, report_to=["tensorboard"] if tensorboard else [],
-        logging_dir=str(logging_dir),  # transformers < 5; 5.x reads it from the callback (below)
+        ddp_backend=prep.dev.backend if prep.world_size > 1 and not prep.on_cpu else None,
+        ddp_find_unused_parameters=False, seed=t.seed, data_seed=t.seed,
+        report_to=["tensorboard"] if tensorboard else [],
+        logging_dir=str(logging_dir),  # transformers < 5; 5.x reads it from the callback (see fit)
         remove_unused_columns=False, label_names=["labels"],
-        dataloader_num_workers=0, save_safetensors=True, disable_tqdm=rank != 0,
+        dataloader_num_workers=0, save_safetensors=True, disable_tqdm=prep.rank != 0,
     )
-    if ds_config is not None and world_size > 1:
+    return training_args, logging_dir
+
+
+def build(prep: Prepared, lora: Lora):
+    """The base model in its dtype with the LoRA adapters (and the modules trained in full) on it."""
+    from transformers import AutoModelForCausalLM
+
+    if prep.ds_config is not None and prep.world_size > 1:
         # ZeRO-3 partitions the weights while they load (zero.Init), and reads the world size from
         # deepspeed.comm then: make sure it wraps the process group before (accelerate skips it on CPU).
         import deepspeed as ds
 
-        ds.init_distributed(dist_backend=dev.backend)
-    base = load_pretrained(AutoModelForCausalLM, model, base_dtype)
-    if gradient_checkpointing:
+        ds.init_distributed(dist_backend=prep.dev.backend)
+    base = load_pretrained(AutoModelForCausalLM, prep.model, prep.base_dtype)
+    if prep.train.gradient_checkpointing:
         base.enable_input_require_grads()
-    peft_model = _peft(base, lora_rank, lora_alpha, lora_dropout, lora_targets, modules_to_save)
+    peft_model = _peft(base, lora.lora_rank, lora.lora_alpha, lora.lora_dropout, lora.lora_targets,
+                       lora.modules_to_save)
     # Trainable tensors (LoRA, full embed_tokens / lm_head): in fp32 without DeepSpeed, as AdamW and the
     # fp16 grad scaler need; in the model's dtype under DeepSpeed, which keeps the fp32 master copies itself
     # and whose ZeRO-3 refuses a mix (peft leaves LoRA in fp32 beside fp16 copies of embed_tokens / lm_head).
-    trainable_dtype = torch.float32 if ds_config is None else base.dtype
+    trainable_dtype = torch.float32 if prep.ds_config is None else base.dtype
     for p in peft_model.parameters():
         if p.requires_grad and p.dtype != trainable_dtype:
             p.data = p.data.to(trainable_dtype)
-    if rank == 0:
+    if prep.rank == 0:
         peft_model.print_trainable_parameters()
-
-    # run.json while it runs says outcome "running" (ended and seconds null); "succeeded" once the adapter is
-    # saved, "failed" (with the error) if the run raises. "status" / "finished" are the older names, kept.
-    record = run_record(
-        job, settings, began, outcome="running", status="running", base_model=str(model.resolve()),
-        tokenizer=str(tok_dir.resolve()), vocab_size=len(tok), device=dev.kind,
-        dtype=str(torch_dtype).replace("torch.", ""), world_size=world_size, deepspeed=ds_config,
-        data=data_info, resumed_from=str(resume_from) if resume_from else None, plan=placement.to_json(),
-        tensorboard=str(logging_dir.resolve()) if tensorboard else None)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / RUN_FILE, record)
-    try:
-        return _train(job, record, began, out, model, tok_dir, rank, world_size, on_cpu, zero3, pad_id,
-                      group_by_length, seed, peft_model, training_args, dataset, resume_from, logging_dir, callbacks)
-    except BaseException as exc:
-        if rank == 0:
-            ended = time.time()
-            record.update(outcome="failed", status="failed", error=status.error_message(exc),
-                          ended=iso_time(ended), seconds=round(ended - began, 2))
-            with contextlib.suppress(OSError):
-                write_json(out / RUN_FILE, record)
-        raise
+    return peft_model
 
 
-class TokenCounter:
-    """The data collator, counting the real (non-padding) tokens of every batch it makes: the tokens/s of the
-    status file are of tokens trained on, not of padding. Each rank counts its own batches."""
-
-    def __init__(self, collator):
-        self.collator = collator
-        self.tokens = 0
-
-    def __call__(self, batch):
-        out = self.collator(batch)
-        mask = out.get("attention_mask")
-        self.tokens += int(mask.sum()) if mask is not None else int(out["input_ids"].numel())
-        return out
-
-
-def _status_callback(counter: TokenCounter, world_size: int):
-    """A TrainerCallback that keeps the job's status file at the Trainer's step (of max_steps, counting on from
-    a resumed checkpoint's step), with the last logged loss and the tokens/s since training began here.
-    tokens/s is rank 0's count times the world size (the ranks get equal batches; no collective per step)."""
-    from transformers import TrainerCallback
-
-    st = status.current()
-
-    class StatusCallback(TrainerCallback):
-        began = 0.0
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.began, counter.tokens = time.time(), 0
-            st.update("training", step=state.global_step, total=state.max_steps, unit="step", force=True)
-
-        def on_step_end(self, args, state, control, **kw):
-            spent = time.time() - self.began
-            st.update(step=state.global_step, tokens_per_s=counter.tokens * world_size / spent if spent > 0 else None)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                st.update(loss=logs["loss"])
-
-    return StatusCallback()
-
-
-def _train(job, record, run_started, out, model, tok_dir, rank, world_size, on_cpu, zero3, pad_id, group_by_length,
-           seed, peft_model, training_args, dataset, resume_from, logging_dir, callbacks) -> dict:
-    """Train, then save the adapter, run.json and loss.png (rank 0); ``run`` has checked and loaded everything."""
-    from transformers import Trainer, TrainerCallback
+def fit(prep: Prepared, training_args, peft_model, logging_dir: Path, group_by_length: bool,
+        callbacks: Sequence | None):
+    """Train (from --resume's checkpoint if any); returns the trainer, its result and the seconds it took."""
     from transformers.integrations import TensorBoardCallback
 
+    from cla2.data import PadCollator
+    from cla2.trainer import GroupedTrainer, SaveAtEnd, StatusCallback, TokenCounter
+
     started = time.time()
-
-    class SaveAtEnd(TrainerCallback):
-        # A checkpoint at the last step, so that --resume of a finished run trains nothing more.
-        def on_step_end(self, args, state, control, **kw):
-            if state.max_steps and state.global_step >= state.max_steps:
-                control.should_save = True
-            return control
-
-    from cla2.data import LengthGroupedSampler, PadCollator
-
-    counter = TokenCounter(PadCollator(pad_id, pad_to_multiple_of=8 if not on_cpu else None))
-
-    class _Trainer(Trainer):
-        def _get_train_sampler(self, *a, **kw):
-            lengths = getattr(self.train_dataset, "lengths", None)
-            if group_by_length and lengths is not None:
-                return LengthGroupedSampler(lengths, self._train_batch_size, seed=seed)
-            return super()._get_train_sampler(*a, **kw)
-
-    trainer = _Trainer(model=peft_model, args=training_args, train_dataset=dataset, data_collator=counter,
-                       callbacks=[SaveAtEnd(), _status_callback(counter, world_size), *(callbacks or [])])
+    counter = TokenCounter(PadCollator(prep.pad_id, pad_to_multiple_of=8 if not prep.on_cpu else None))
+    trainer = GroupedTrainer(model=peft_model, args=training_args, train_dataset=prep.dataset, data_collator=counter,
+                             callbacks=[SaveAtEnd(), StatusCallback(counter, prep.world_size), *(callbacks or [])])
+    trainer.group_by_length, trainer.sampler_seed = group_by_length, prep.train.seed
     for cb in trainer.callback_handler.callbacks:
         if isinstance(cb, TensorBoardCallback) and hasattr(cb, "logging_dir"):
             cb.logging_dir = str(logging_dir)  # transformers 5 has no TrainingArguments.logging_dir
-    with _own_checkpoints_loadable(resume_from):
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with _own_checkpoints_loadable(prep.resume_from):
+        result = trainer.train(resume_from_checkpoint=str(prep.resume_from) if prep.resume_from else None)
+    return trainer, result, time.time() - started
 
+
+def save(prep: Prepared, record: dict, trainer, result, seconds: float) -> dict:
+    """The adapter (gathered from all ranks under ZeRO-3), the tokenizer, run.json and loss.png (rank 0),
+    replacing the final files of --out as one set; returns the completed run record."""
     # Under ZeRO-3 each rank holds only a slice of each large parameter (locally a zero-size tensor):
     # saving those as they are is the seed's empty-adapter bug. Count them, then gather.
     status.current().update("saving", force=True)
     partitioned = sum(1 for p in trainer.model.parameters() if p.requires_grad and p.numel() == 0)
-    state = adapter_state(trainer.model, zero3)  # collective under ZeRO-3
+    state = adapter_state(trainer.model, prep.zero3)  # collective under ZeRO-3
     if trainer.is_world_process_zero():
         empty = [n for n, t in state.items() if t.numel() == 0]
         if empty:
@@ -495,30 +452,30 @@ def _train(job, record, run_started, out, model, tok_dir, rank, world_size, on_c
                                "this is a bug, please report it with run.json")
         # The final files (adapter, tokenizer, run.json, loss.png) are written into .OUT.partial and replace
         # those of --out as one set (io.replace_final_files); checkpoints and logs stay.
+        out = prep.out
         with output_lock(out):
             tmp = partial_dir(out)
             tmp.mkdir()
             try:
                 trainer.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-                copy_tokenizer(tok_dir, tmp)
-                _record_base(tmp, model)
+                copy_tokenizer(prep.tok_dir, tmp)
+                _record_base(tmp, prep.model)
                 losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
                 ended = time.time()
                 record.update(
-                    status="complete", outcome="succeeded", ended=iso_time(ended),
-                    seconds=round(ended - run_started, 2),
-                    finished=iso_time(ended),
+                    outcome="succeeded", ended=iso_time(ended), seconds=round(ended - prep.began, 2),
                     metrics={
                         "train_loss": result.training_loss, "first_loss": losses[0] if losses else None,
                         "final_loss": losses[-1] if losses else None, "global_step": trainer.state.global_step,
-                        "epoch": trainer.state.epoch, "train_runtime_s": round(time.time() - started, 2),
+                        "epoch": trainer.state.epoch, "train_runtime_s": round(seconds, 2),
                         "trainable_parameters": sum(t.numel() for t in state.values()),
                         "partitioned_tensors_gathered": partitioned,
                     },
                     log_history=trainer.state.log_history,
                 )
-                plot_loss(trainer.state.log_history, tmp / "loss.png", f"cla2 {job}: {model.name}")
-                write_json(tmp / RUN_FILE, record)
+                with_old_names(record)
+                plot_loss(trainer.state.log_history, tmp / "loss.png", f"cla2 {prep.job}: {prep.model.name}")
+                write(tmp / RUN_FILE, record)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -526,27 +483,6 @@ def _train(job, record, run_started, out, model, tok_dir, rank, world_size, on_c
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return record
-
-
-@contextlib.contextmanager
-def _own_checkpoints_loadable(resume_from: Path | None):
-    """Let the Trainer read back the optimizer, scheduler and RNG state of this job's own checkpoint on a
-    torch older than 2.6 (Cambricon's image has 2.1). transformers 4.50+ refuses every ``torch.load``
-    there because of CVE-2025-32434 (``weights_only=True`` can be bypassed by a crafted file). The files
-    read here are the ones this job wrote into its own output folder, not files from elsewhere, so the
-    check is switched off for that one call. Everything else (a base model's .bin weights) still goes
-    through it."""
-    import transformers.trainer as hf_trainer
-
-    if resume_from is None or not hasattr(hf_trainer, "check_torch_load_is_safe"):
-        yield
-        return
-    check = hf_trainer.check_torch_load_is_safe
-    hf_trainer.check_torch_load_is_safe = lambda: None
-    try:
-        yield
-    finally:
-        hf_trainer.check_torch_load_is_safe = check
 
 
 def _peft(base, r: int, alpha: float, dropout: float, targets: Sequence[str], modules_to_save: Sequence[str]):
