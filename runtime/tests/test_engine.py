@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from cla2.engine import (
     InvalidRequest,
     Result,
     SamplingParams,
+    static_layers,
 )
 
 
@@ -334,8 +336,9 @@ def test_static_decode_stops_at_eos(engine_pair):
 
 
 def test_static_decode_hands_over_to_the_batch_and_back(engine_pair):
-    """A request decoding alone on the static path; a second joins (back to the batched cache, the first
-    left-padded to the newcomer's longer prompt), leaves, and the first goes back to the static path."""
+    """A request decoding alone on the static path; a second, with a longer prompt than the first has
+    decoded, joins (through the dynamic cache, the first left-padded to it, into a bucket of two), leaves,
+    and the first goes on alone in a bucket of one again."""
     eager, static = engine_pair
     long_p, short_p = SamplingParams(temperature=0, max_new_tokens=150), SamplingParams(temperature=0,
                                                                                          max_new_tokens=10)
@@ -358,7 +361,8 @@ def test_static_decode_hands_over_to_the_batch_and_back(engine_pair):
     short = static.generate(["很长" * 20], short_p)[0]
     assert done.wait(30)
     assert static.max_running == 2
-    assert static.static_entries - entries >= 2  # entered alone, and again once the short one left
+    # entered alone, again as a batch of two, and again alone once the short one left
+    assert static.static_entries - entries >= 3
     assert short.token_ids == want_short.token_ids
     assert results["long"].token_ids == want_long.token_ids and results["long"].completion_tokens == 150
 
@@ -383,11 +387,11 @@ def test_static_decode_falls_back_to_eager(engine_pair, monkeypatch):
     e = Engine(static.model, static.tokenizer, static.device, decode_graphs=True)
     real, calls = e._static_logits, []
 
-    def flaky(req):
+    def flaky():
         calls.append(1)
         if len(calls) == 5:
             raise RuntimeError("compile failed")
-        return real(req)
+        return real()
 
     e._static_logits = flaky
     try:
@@ -403,7 +407,8 @@ def test_static_decode_falls_back_to_eager(engine_pair, monkeypatch):
                     "falls back to eager decoding, which test_static_decode_falls_back_to_eager covers")
 def test_static_step_traces_as_one_graph(engine_pair):
     """The step that CUDA runs through torch.compile traces with no graph break on this transformers
-    (dynamo's eager backend: the tracing without inductor's code generation, which is slow on a CPU)."""
+    (dynamo's eager backend: the tracing without inductor's code generation, which is slow on a CPU), for
+    a lone request and for a padded batch in a bucket with a dummy row."""
     eager, static = engine_pair
     e = Engine(static.model, static.tokenizer, static.device, decode_graphs=True)
     e._compile_options = {"backend": "eager", "fullgraph": True, "dynamic": False}
@@ -412,6 +417,150 @@ def test_static_step_traces_as_one_graph(engine_pair):
         for p in STATIC_PROMPTS[:2]:
             assert e.generate([p], params)[0].token_ids == eager.generate([p], params)[0].token_ids
         assert e.decode_graphs is True and e.static_steps == 2 * 19
+        batch = e.generate(STATIC_PROMPTS[:3], params)
+        assert [r.token_ids for r in batch] == [eager.generate([p], params)[0].token_ids for p in STATIC_PROMPTS[:3]]
+        assert e.decode_graphs is True and e.static_steps == 3 * 19
+    finally:
+        e.close()
+
+
+# ---- the static path for a batch (issue 15): buckets by batch size, rows joining and leaving ----------
+
+BATCH_PROMPTS = ["你好", "很长" * 30, "a b c d", "测试一下吧", "从前", "很长" * 50]
+BATCH_PARAMS = [SamplingParams(temperature=0, max_new_tokens=7),
+                SamplingParams(temperature=0, max_new_tokens=30),
+                SamplingParams(max_new_tokens=12, seed=4, top_k=0, top_p=0.8),
+                SamplingParams(temperature=0, max_new_tokens=25, repetition_penalty=1.3),
+                SamplingParams(temperature=0, max_new_tokens=20, repetition_penalty=1.0),
+                SamplingParams(temperature=0, max_new_tokens=15)]
+
+
+def test_static_buckets():
+    from cla2.engine import static_batch
+
+    assert [static_batch(n, 8) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert static_batch(5, 6) == 6 and static_batch(3, 3) == 3 and static_batch(1, 1) == 1
+
+
+def test_batched_static_decode_matches_dynamic_and_one_at_a_time(engine_pair):
+    """Six requests of different prompt lengths through a batch of four, on the static path: four start
+    together (a bucket of four), the fifth joins mid-way into the row the first left (nothing else copied),
+    the sixth, longer than the batch's rows, joins through the dynamic cache into a new bucket, and the
+    batch shrinks into buckets of two and one as they finish. Each generates what it generates through the
+    dynamic path, in the same batch and alone, and every decode step ran on the static path."""
+    eager, static = engine_pair
+    alone = [eager.generate([p], sp)[0] for p, sp in zip(BATCH_PROMPTS, BATCH_PARAMS, strict=True)]
+    dynamic = eager.generate(BATCH_PROMPTS, BATCH_PARAMS)
+    steps, static_steps, joins, entries = static.steps, static.static_steps, static.static_joins, static.static_entries
+    static.max_running = 0
+    got = static.generate(BATCH_PROMPTS, BATCH_PARAMS)
+    assert [r.token_ids for r in got] == [r.token_ids for r in dynamic] == [r.token_ids for r in alone]
+    assert [r.text for r in got] == [r.text for r in alone]
+    assert [r.completion_tokens for r in got] == [sp.max_new_tokens for sp in BATCH_PARAMS]
+    assert static.max_running == 4 and static.decode_graphs is True
+    assert static.static_steps - static_steps == static.steps - steps  # no step on the dynamic path
+    assert static.static_joins - joins >= 1  # the fifth, into a free row
+    assert static.static_entries - entries >= 3  # buckets of four, then two and one as the batch shrinks
+
+
+def test_batched_static_decode_streams_and_cancels(engine_pair):
+    """A request that joins a running static batch while streaming, and one whose consumer goes away
+    mid-way: the rest still generate what they generate alone."""
+    eager, static = engine_pair
+    params = SamplingParams(temperature=0, max_new_tokens=40)
+    want = [eager.generate([p], params)[0] for p in BATCH_PROMPTS[:3]]
+    results: dict = {}
+    first = static.submit(BATCH_PROMPTS[0], params, lambda ev: ev.result and results.__setitem__(0, ev.result))
+    assert wait_until(lambda: len(first.output_ids) >= 3)
+    doomed = static.stream(BATCH_PROMPTS[1], params)
+    pieces = [next(doomed) for _ in range(3)]
+    assert all(isinstance(p, str) for p in pieces)
+    streamed = list(static.stream(BATCH_PROMPTS[2], params))
+    doomed.close()  # cancels it
+    assert wait_until(lambda: 0 in results, timeout=30)
+    assert streamed[-1].token_ids == want[2].token_ids and "".join(streamed[:-1]) == want[2].text
+    assert results[0].token_ids == want[0].token_ids
+    assert static.decode_graphs is True and wait_until(lambda: static.num_running == 0)
+
+
+def test_batched_static_reuses_its_bucket_caches(engine_pair):
+    """The same batch again: every (bucket, length) it needs already has its static cache, which is reused
+    (same tensors, so a CUDA graph replays over the same addresses), not allocated again."""
+    eager, static = engine_pair
+    static.generate(BATCH_PROMPTS, BATCH_PARAMS)
+    allocations = static.static_allocations
+    caches = dict(static._static_caches)
+    pointers = {key: [k.data_ptr() for k, _ in static_layers(c)] for key, c in caches.items()}
+    assert {b for b, _ in caches} >= {1, 2, 4}
+    static.generate(BATCH_PROMPTS, BATCH_PARAMS)
+    assert static.static_allocations == allocations
+    assert all(static._static_caches[key] is c for key, c in caches.items())
+    assert pointers == {key: [k.data_ptr() for k, _ in static_layers(c)] for key, c in caches.items()}
+
+
+def test_static_caches_kept_are_bounded_by_one_full_batch(engine_pair):
+    """The static caches kept, over all (bucket, length) pairs, hold at most max_batch_size x window
+    positions (the KV cache of one full batch): a new one pushes out the least recently used."""
+    eager, static = engine_pair
+    e = Engine(static.model, static.tokenizer, static.device, max_batch_size=2, decode_graphs=True)
+    try:
+        devices = [e.device] * e.model.config.num_hidden_layers
+        small = e._bucket_cache(1, 256, devices)
+        assert e._bucket_cache(2, 256, devices) is not small and e.static_allocations == 2
+        assert e._bucket_cache(1, 256, devices) is small and e.static_allocations == 2  # reused
+        e._bucket_cache(2, e.window, devices)  # the whole budget: the others go
+        assert list(e._static_caches) == [(2, e.window)]
+        e._bucket_cache(2, 512, devices)
+        assert list(e._static_caches) == [(2, 512)] and e.static_allocations == 4
+        e._bucket_cache(1, 512, devices)
+        assert list(e._static_caches) == [(2, 512), (1, 512)]
+        assert sum(b * n for b, n in e._static_caches) <= e.max_batch_size * e.window
+    finally:
+        e.close()
+
+
+def test_batched_static_declines_a_batch_beyond_the_window(engine_pair):
+    """Rows are right-aligned at one write column: a prompt near the window and a short one that may still
+    generate many tokens would need more columns than the window. That batch decodes on the dynamic path
+    (no warning, nothing lost); once the long one leaves, the other goes back to the static path."""
+    eager, static = engine_pair
+    long_p = eager.tokenizer("字" * 10).input_ids
+    long_p = long_p + [long_p[-1]] * (eager.window - 40 - len(long_p))
+    prompts, params = [long_p, "你好"], [SamplingParams(temperature=0, max_new_tokens=10),
+                                          SamplingParams(temperature=0, max_new_tokens=80)]
+    want = [eager.generate([p], sp)[0] for p, sp in zip(prompts, params, strict=True)]
+    steps, static_steps = static.steps, static.static_steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = static.generate(prompts, params)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert static.decode_graphs is True
+    ran = static.steps - steps
+    assert ran == 79 and static.static_steps - static_steps == ran - 9  # 9 steps of the two on the dynamic path
+
+
+def test_batched_static_decode_falls_back_mid_batch(engine_pair):
+    """A static step that fails with a padded batch in a bucket with dummy rows: the batch goes back to the
+    dynamic path with one warning, and no token is lost."""
+    eager, static = engine_pair
+    prompts, params = BATCH_PROMPTS[:4], [SamplingParams(temperature=0, max_new_tokens=n) for n in (20, 9, 30, 25)]
+    want = eager.generate(prompts, params)
+    e = Engine(static.model, static.tokenizer, static.device, max_batch_size=4, decode_graphs=True)
+    real, calls = e._static_logits, []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 12:  # the second row has left: three rows in a bucket of four, one a dummy
+            assert e._static_mask is not None and e._slots == [0, 2, 3] and len(e._slot_pads) == 4
+            raise RuntimeError("capture failed")
+        return real()
+
+    e._static_logits = flaky
+    try:
+        with pytest.warns(RuntimeWarning, match="capture failed"):
+            got = e.generate(prompts, params)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+        assert e.decode_graphs is False and e.static_steps == 11
     finally:
         e.close()
 

@@ -137,8 +137,9 @@ def init_params(cls) -> set[str]:
 
 
 def new_static_cache(config, length: int, device: torch.device, dtype: torch.dtype,
-                     layer_devices: list[torch.device] | None = None):
-    """transformers < 4.56: an empty StaticCache for one sequence of up to ``length`` tokens. transformers
+                     layer_devices: list[torch.device] | None = None, batch_size: int = 1):
+    """transformers < 4.56: an empty StaticCache for ``batch_size`` sequences (the engine's batch bucket)
+    of up to ``length`` tokens. transformers
     4.56+ takes (config, max_cache_len) and allocates on the first update; older ones allocate at once and
     want the batch size (``batch_size`` or ``max_batch_size``; 4.55, the one tested, takes them through
     ``**kwargs``), the device and the dtype (and, for a model split over devices, each layer's device)."""
@@ -146,9 +147,9 @@ def new_static_cache(config, length: int, device: torch.device, dtype: torch.dty
     params = init_params(cls)
     kwargs: dict = {"config": config, "max_cache_len": length}
     if "batch_size" in params:
-        kwargs["batch_size"] = 1
+        kwargs["batch_size"] = batch_size
     elif "max_batch_size" in params:
-        kwargs["max_batch_size"] = 1
+        kwargs["max_batch_size"] = batch_size
     if "device" in params:
         kwargs["device"] = device
     if "dtype" in params:

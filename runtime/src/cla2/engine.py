@@ -12,12 +12,14 @@ batch's logits (``Sampler``), and what changes only when a request joins or leav
 parameters, position ids, the attention mask, which is None when no row is padded) is built then; a
 join copies the batch's cache once, a leave of the last rows keeps views of it.
 
-A request decoding alone (the batch-1 case: `cla2 chat`, a quiet server) goes through a second path
-when ``decode_graphs`` is on (the default on CUDA): its cache is copied into a preallocated static KV
-cache (transformers' StaticCache) and each step runs one ``torch.compile(mode="reduce-overhead")``
-forward, i.e. a replayed CUDA graph instead of some thirty kernel launches a layer that each wait on the
-CPU. When a second request joins, the static cache is cut back to its used length and the batch goes on
-as above; when the batch shrinks to one request again, it goes back to the static path.
+When ``decode_graphs`` is on (the default on CUDA) the running batch goes through a second path: its
+cache is copied into a preallocated static KV cache (transformers' StaticCache) of a fixed shape, a
+bucket of 1, 2, 4 or 8 rows (up to ``max_batch_size``) by a power-of-two length, and each step runs one
+``torch.compile(mode="reduce-overhead")`` forward, i.e. a replayed CUDA graph instead of some thirty
+kernel launches a layer that each wait on the CPU (issue 15: a lone request first, now any batch). The
+rows are right-aligned at the cache's one write column behind an attention mask; a request joins into a
+free bucket row in place, a leaving one leaves a dummy row; a batch that outgrows its bucket, or shrinks
+into a smaller one, passes through the dynamic cache and re-enters the bucket it then needs.
 
 Why not ``model.generate``: it runs one fixed batch from start to end, so a request arriving while
 another decodes waits for it to finish, and its sampling parameters are per batch, not per request.
@@ -399,7 +401,7 @@ PREFILL_TOKENS = 2048
 MASK_HEADROOM = 256
 
 
-# The static cache is sized to what the lone request may still need, rounded up to a power of two: a few
+# The static cache is sized to what the batch's rows may still need, rounded up to a power of two: a few
 # sizes (one compiled graph each) serve every request, and attention reads little beyond the used part
 # (it reads the whole static cache, masked, at every step).
 STATIC_MIN_LEN = 256
@@ -410,6 +412,15 @@ def static_len(needed: int, window: int) -> int:
     while n < needed:
         n *= 2
     return min(n, window)
+
+
+def static_batch(rows: int, max_batch: int) -> int:
+    """The batch bucket of ``rows`` running requests: the next power of two (at most ``max_batch``), as
+    serving engines pad their graphed batches, so that a few graphs serve every batch size."""
+    n = 1
+    while n < rows:
+        n *= 2
+    return min(n, max_batch)
 
 
 def fit_prompt(prompt_ids: list[int], params: SamplingParams, window: int, truncate: bool,
@@ -434,9 +445,9 @@ class Engine:
     ``submit`` is thread-safe; ``stream``/``astream`` yield text deltas; ``generate`` runs many prompts
     batched and returns their results in order.
 
-    ``decode_graphs``: decode a request that runs alone through a static KV cache and, on CUDA, a CUDA
-    graph (``torch.compile(mode="reduce-overhead")``; the first steps at each cache size compile and
-    capture, which takes a while). None: on for CUDA only. On CPU and MLU it runs the same static-cache
+    ``decode_graphs``: decode the running batch through a static KV cache (a bucket by batch size and
+    length) and, on CUDA, a CUDA graph (``torch.compile(mode="reduce-overhead")``; the first steps at each
+    bucket compile and capture, which takes a while). None: on for CUDA only. On CPU and MLU it runs the same static-cache
     step without a graph (no faster; it is what the CPU tests check). If the step fails (a transformers
     without a usable StaticCache, a compile error), the engine warns once and decodes eagerly.
     """
@@ -478,13 +489,16 @@ class Engine:
         # torch.compile options of the static step: CUDA graphs on CUDA; elsewhere the step runs eagerly.
         self._compile_options: dict | None = (
             {"mode": "reduce-overhead", "dynamic": False} if self.device.type == "cuda" else None)
-        self._static = None  # the StaticCache the lone running request decodes in, while it does
-        self._static_caches: dict[int, object] = {}  # by length, reused: a graph replays on fixed addresses
+        self._static = None  # the StaticCache the running batch decodes in, while it does
+        # by (batch bucket, length), least recently used first; reused: a graph replays on fixed addresses
+        self._static_caches: collections.OrderedDict[tuple[int, int], object] = collections.OrderedDict()
         self._static_forward = None
         self._cache_position = "cache_position" in inspect.signature(model.forward).parameters  # < 5.0
         self._dtype = next(model.parameters()).dtype
         self.static_steps = 0  # decode steps run on the static path
-        self.static_entries = 0  # times a lone request moved onto it
+        self.static_entries = 0  # times the running batch moved onto it
+        self.static_joins = 0  # requests that joined it in a free bucket row (no other row copied)
+        self.static_allocations = 0  # static caches allocated (a (bucket, length) seen again reuses its own)
         self._thread = threading.Thread(target=self._loop, name="cla2-engine", daemon=True)
         self._thread.start()
 
@@ -674,6 +688,16 @@ class Engine:
         self._len = 0  # columns in the cache
         self._mask_buf: torch.Tensor | None = None  # [rows, capacity]: the attention mask, None when no padding
         self._positions: torch.Tensor | None = None  # [rows, 1]: the position of each row's next input token
+        self._static_declined = False  # the running batch does not fit the static path (until it changes)
+        # the static path's state (see _enter_static): the bucket row of each request, the masked columns at
+        # the left of each bucket row, the write column, the mask, the position ids, the bucket rows to read
+        self._slots: list[int] = []
+        self._slot_pads: list[int] = []
+        self._col = 0
+        self._static_len = 0
+        self._static_mask: torch.Tensor | None = None
+        self._static_positions: torch.Tensor | None = None
+        self._slot_index: torch.Tensor | None = None
 
     @torch.inference_mode()
     def _admit(self) -> None:
@@ -770,8 +794,10 @@ class Engine:
         new_len = len(req.prompt_ids)
         if not self._active:
             self._cache, self._pads, self._len = cache, [0], new_len
+        elif self._static is not None and self._try_static(self._static_join, req, cache):
+            pass  # into a free row of the static bucket
         else:
-            if self._static is not None:
+            if self._static is not None:  # no free row fits it: the next step re-enters a bucket that fits
                 self._leave_static()
             joining = [(nk, nv) for nk, nv, *_ in cache]
             old_len = self._len
@@ -782,13 +808,16 @@ class Engine:
             self._len = total
         self._active.append(req)
         self._sampler.join(req)
-        self._batch_changed()
+        if self._static is None:
+            self._batch_changed()
         self.max_running = max(self.max_running, len(self._active))
 
     def _batch_changed(self) -> None:
         """What the decode step takes from the batch's rows and only changes when one joins or leaves:
         the position ids (then advanced in place by each step) and the attention mask (None when no row is
-        padded; otherwise a buffer with room to grow, of which each step passes a view)."""
+        padded; otherwise a buffer with room to grow, of which each step passes a view). A batch that
+        declined the static path tries it again."""
+        self._static_declined = False
         self._positions = torch.tensor([[r.position] for r in self._active], device=self.device)
         self._mask_buf = None
         if any(self._pads):
@@ -809,58 +838,165 @@ class Engine:
             del k, v
         return filled_cache(self._DynamicCache, layers)
 
-    # ---- the static path: one request alone ------------------------------------------------------------
+    # ---- the static path: the running batch in a fixed-shape step ---------------------------------------
+    #
+    # The batch's rows sit in a StaticCache of B rows (B: the batch bucket, ``static_batch``) and L columns
+    # (``static_len``). A StaticCache writes every row's new keys at one column (its write column, ``_col``),
+    # so the rows are right-aligned at it: a row of n tokens holds columns [_col - n, _col), the columns
+    # before them are masked out (``_slot_pads``), and each row keeps its own position ids. Bucket rows no
+    # request holds are dummy rows: they decode token 0 at every step, attend only to what they write
+    # themselves (so no row is ever wholly masked) and their logits are not read. A join takes a free row in
+    # place when the newcomer's prompt fits before the write column; otherwise, and when the batch shrinks
+    # into a smaller bucket, the batch goes back to the dynamic cache (compacted there) and re-enters the
+    # static path at the next step, in the bucket its new size and lengths need.
 
-    def _enter_static(self, req: Request) -> None:
-        """Copy the lone request's cache into a static cache of the length it may still need."""
-        length = static_len(len(req.prompt_ids) + req.max_new_tokens, self.window)
-        layers = [(k, v) for k, v, *_ in self._cache]
-        cache = self._static_caches.get(length)
+    def _static_need(self, rows: Sequence[Request], col: int) -> int:
+        """Cache columns ``rows`` need when their next tokens go to column ``col``: each row writes one column
+        a step until it has its max_new_tokens (an eos or a stop string may end it sooner)."""
+        return col + max(r.max_new_tokens - len(r.output_ids) for r in rows)
+
+    def _bucket_cache(self, batch: int, length: int, layer_devices: list[torch.device]):
+        """The static cache of this (batch bucket, length), reused, so that its compiled graph replays over
+        the same addresses; a new one when there is none. The caches kept hold at most what one full batch's
+        KV cache holds (max_batch_size x window positions): the least recently used go first."""
+        key = (batch, length)
+        cache = self._static_caches.pop(key, None)
         if cache is None:
-            cache = new_static_cache(self.model.config, length, self.device, self._dtype,
-                                     [k.device for k, _ in layers])
+            budget = self.max_batch_size * self.window
+            while self._static_caches and sum(b * n for b, n in self._static_caches) + batch * length > budget:
+                self._static_caches.popitem(last=False)
+            cache = new_static_cache(self.model.config, length, self.device, self._dtype, layer_devices, batch)
+            self.static_allocations += 1
         else:
             cache.reset()
-        n = req.position  # tokens in the cache; any columns before them are padding
-        positions = torch.arange(n)
+        self._static_caches[key] = cache
+        return cache
+
+    def _enter_static(self) -> None:
+        """Move the running batch from the dynamic cache into the static cache of its bucket, or decline
+        (until the batch changes) when its rows would need more columns than the window."""
+        active = self._active
+        col = max(r.position for r in active)  # the longest row's tokens: no column is padding for all rows
+        need = self._static_need(active, col)
+        length = static_len(need, self.window)
+        if need > length:  # left-aligned rows of very different lengths near the window: stay dynamic
+            self._static_declined = True
+            return
+        n, batch = len(active), static_batch(len(active), self.max_batch_size)
+        layers = [(k, v) for k, v, *_ in self._cache]
+        cache = self._bucket_cache(batch, length, [k.device for k, _ in layers])
         for i, (k, v) in enumerate(layers):
-            cache.update(k[:, :, k.shape[2] - n:], v[:, :, v.shape[2] - n:], i,
-                         {"cache_position": positions.to(k.device)})
-        self._static_caches[length] = cache
-        self._static, self._cache, self._mask_buf = cache, None, None
+            k, v = k[:, :, k.shape[2] - col:], v[:, :, v.shape[2] - col:]
+            if batch > n:  # the dummy rows
+                k = torch.cat([k, k.new_zeros(batch - n, *k.shape[1:])])
+                v = torch.cat([v, v.new_zeros(batch - n, *v.shape[1:])])
+            cache.update(k, v, i, {"cache_position": torch.arange(col, device=k.device)})
+        self._static, self._static_len, self._col = cache, length, col
+        self._slots = list(range(n))
+        self._slot_pads = [col - r.position for r in active] + [col] * (batch - n)
+        self._static_positions = torch.tensor([[r.position] for r in active] + [[0]] * (batch - n),
+                                              device=self.device)
+        self._cache, self._mask_buf, self._positions = None, None, None
+        self._static_rows_changed()
         self.static_entries += 1
 
+    def _static_rows_changed(self) -> None:
+        """The attention mask over the whole static cache (None for a bucket of one row, which has no padding:
+        one graph per bucket either way) and which bucket rows hold the batch's requests, in its order."""
+        batch = len(self._slot_pads)
+        self._static_mask = None
+        if batch > 1:
+            columns = torch.arange(self._static_len, device=self.device)[None]
+            self._static_mask = (columns >= torch.tensor(self._slot_pads, device=self.device)[:, None]).long()
+        self._slot_index = (None if self._slots == list(range(batch))
+                            else torch.tensor(self._slots, device=self.device))
+
+    def _static_join(self, req: Request, cache) -> bool:
+        """Put a prefilled request into a free row of the static bucket, right-aligned at the write column:
+        its own cache is the only one copied. False when it does not fit there."""
+        n, col = req.position, self._col
+        free = [s for s in range(len(self._slot_pads)) if s not in self._slots]
+        if not free or n > col or self._static_need([*self._active, req], col) > self._static_len:
+            return False
+        slot = free[0]
+        for (keys, values), (k, v, *_) in zip(static_layers(self._static), cache, strict=True):
+            keys[slot, :, col - n:col] = k[0, :, k.shape[2] - n:].to(keys.device)
+            values[slot, :, col - n:col] = v[0, :, v.shape[2] - n:].to(values.device)
+        self._slots.append(slot)
+        self._slot_pads[slot] = col - n
+        self._static_positions[slot, 0] = n
+        self._static_rows_changed()
+        self.static_joins += 1
+        return True
+
+    def _static_keep(self, keep: list[int]) -> None:
+        """Only these rows of the batch stay: the others' bucket rows become dummy rows (nothing is copied),
+        unless the batch now fits a smaller bucket, which the next step enters from the dynamic cache."""
+        kept = [self._slots[i] for i in keep]
+        for s in self._slots:
+            if s not in kept:
+                self._slot_pads[s] = self._col
+        self._slots = kept
+        if static_batch(len(kept), self.max_batch_size) < len(self._slot_pads):
+            self._leave_static()
+        else:
+            self._static_rows_changed()
+
     def _leave_static(self) -> None:
-        """Back to the batched path: the static cache cut to the lone request's used length."""
-        n = self._active[0].position
-        self._cache = filled_cache(self._DynamicCache, [(k[:, :, :n].clone(), v[:, :, :n].clone())
-                                                        for k, v in static_layers(self._static)])
-        self._pads, self._len, self._static = [0], n, None
+        """Back to the dynamic path: the batch's rows copied out of the static cache (left-padded, as the
+        dynamic path keeps them), without the columns that are padding for all of them."""
+        col = self._col
+        pads = [self._slot_pads[s] for s in self._slots]
+        lead = min(pads)
+        index = torch.tensor(self._slots)
+        self._cache = filled_cache(self._DynamicCache, [
+            (k[:, :, lead:col].index_select(0, index.to(k.device)), v[:, :, lead:col].index_select(0, index.to(v.device)))
+            for k, v in static_layers(self._static)])
+        self._pads, self._len, self._static = [p - lead for p in pads], col - lead, None
+        self._static_mask = self._static_positions = self._slot_index = None
         self._batch_changed()
 
-    def _static_logits(self, req: Request) -> torch.Tensor:
+    def _static_logits(self) -> torch.Tensor:
+        """One fixed-shape forward over the bucket; the logits of the batch's rows, in its order."""
         if self._static_forward is None:
             if self._compile_options is not None:
                 _cudagraph_thread_state()
+                # One graph per (batch bucket, length): more than dynamo's default of 8 recompiles of a
+                # frame (torch 2.2+; 2.1's default is 64), beyond which it would run the rest uncompiled.
+                lengths, n = 1, STATIC_MIN_LEN
+                while n < self.window:
+                    lengths, n = lengths + 1, 2 * n
+                batches = len({static_batch(n, self.max_batch_size) for n in range(1, self.max_batch_size + 1)})
+                dynamo = torch._dynamo.config
+                dynamo.cache_size_limit = max(dynamo.cache_size_limit, 2 * batches * lengths)
                 self._static_forward = torch.compile(self.model, **self._compile_options)
             else:
                 self._static_forward = self.model
-        position = torch.tensor([[req.position]], device=self.device)
-        extra = {"cache_position": position[0]} if self._cache_position else {}
+        ids = [0] * len(self._slot_pads)
+        for r, s in zip(self._active, self._slots, strict=True):
+            ids[s] = r.next_token
+        extra: dict = {}
+        if self._cache_position:  # transformers < 5.0 writes the static cache at the columns it is given
+            extra["cache_position"] = torch.tensor([self._col], device=self.device)
+        if self._static_mask is not None:
+            extra["attention_mask"] = self._static_mask
         if self._compile_options is not None and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are dead: replay over them
-        out = self._static_forward(input_ids=torch.tensor([[req.next_token]], device=self.device),
-                                   position_ids=position, use_cache=True, **{self._cache_kw: self._static},
-                                   **extra)
+        out = self._static_forward(input_ids=torch.tensor(ids, device=self.device)[:, None],
+                                   position_ids=self._static_positions, use_cache=True,
+                                   **{self._cache_kw: self._static}, **extra)
+        self._col += 1
+        self._static_positions += 1  # queued after the forward that reads it
         self.static_steps += 1
-        return out.logits[:, -1]
+        logits = out.logits[:, -1]
+        return logits if self._slot_index is None else logits.index_select(0, self._slot_index)
 
-    def _try_static(self, fn: Callable[[Request], torch.Tensor | None], req: Request) -> torch.Tensor | None:
+    def _try_static(self, fn: Callable, *args):
         # Outside inference mode, as transformers' own generate runs static caches and compiled steps
         # (under no_grad): CUDA graph capture refuses in-place updates of inference tensors.
         with torch.inference_mode(False), torch.no_grad():
             try:
-                return fn(req)
+                return fn(*args)
             except Exception as exc:  # noqa: BLE001 - fall back to the eager path, which works everywhere
                 warnings.warn(f"decode_graphs: the static-cache decode step failed ({type(exc).__name__}: "
                               f"{exc}); decoding eagerly from now on", RuntimeWarning, stacklevel=2)
@@ -890,9 +1026,9 @@ class Engine:
     @torch.inference_mode()
     def _step(self) -> None:
         active = self._active
-        if self.decode_graphs and len(active) == 1 and self._static is None:
-            self._try_static(self._enter_static, active[0])
-        logits = self._try_static(self._static_logits, active[0]) if self._static is not None else None
+        if self.decode_graphs and self._static is None and not self._static_declined:
+            self._try_static(self._enter_static)
+        logits = self._try_static(self._static_logits) if self._static is not None else None
         if logits is not None:  # the static step's logits: its graph's output, read only
             tokens = self._sampler.sample(logits)
         else:
@@ -916,6 +1052,9 @@ class Engine:
             return
         self._active = [active[i] for i in keep]
         self._sampler.keep(keep)
+        if self._static is not None:
+            self._try_static(self._static_keep, keep)
+            return
         # Drop the columns that are padding for every remaining row. Rows that stay in front keep their
         # tensors' storage (a view, no copy); otherwise the remaining rows are copied once.
         lead = min(self._pads[i] for i in keep)
