@@ -34,8 +34,9 @@ def main(
         system_prompt: System prompt of the Alpaca-2 template.
         sampling: How answers are sampled (cla2.settings.Sampling: --temperature, --top-k, --top-p,
             --repetition-penalty, --max-new-tokens, --seed; turn i uses seed + i).
-        decode_graphs: Decode a request that runs alone through a static KV cache and a CUDA graph (torch.compile;
-            default: on for CUDA only; the first request of each cache size waits while it compiles).
+        decode_graphs: Decode through static KV caches (a batch padded to 1, 2, 4, 8... rows) and CUDA graphs
+            (torch.compile; default: on for CUDA only; the first step of each batch and cache size waits while it
+            compiles).
     """
     placement, replica = plan.for_inference("chat", model, where.device, where.dtype, where.devices, 1)
     engine = Engine.from_pretrained(model, adapter=adapter, device=where.device, dtype=where.dtype, max_batch_size=1,

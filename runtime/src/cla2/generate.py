@@ -161,8 +161,9 @@ def main(
             --repetition-penalty, --max-new-tokens, --seed; line i uses seed + i, so a rerun gives the same
             outputs).
         truncate: Cut over-long prompts from the left instead of failing.
-        decode_graphs: Decode a request that runs alone through a static KV cache and a CUDA graph (torch.compile;
-            default: on for CUDA only; the first request of each cache size waits while it compiles).
+        decode_graphs: Decode through static KV caches (a batch padded to 1, 2, 4, 8... rows) and CUDA graphs
+            (torch.compile; default: on for CUDA only; the first step of each batch and cache size waits while it
+            compiles).
         overwrite: Replace an existing output file.
     """
     from cla2.record import run_record, write

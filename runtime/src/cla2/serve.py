@@ -292,8 +292,9 @@ def main(
             for fewer; a number given here stands).
         model_name: Name in /v1/models and the responses (default: the model folder's name).
         truncate: Cut over-long prompts from the left instead of refusing them.
-        decode_graphs: Decode a request that runs alone through a static KV cache and a CUDA graph (torch.compile;
-            default: on for CUDA only; the first request of each cache size waits while it compiles).
+        decode_graphs: Decode through static KV caches (a batch padded to 1, 2, 4, 8... rows) and CUDA graphs
+            (torch.compile; default: on for CUDA only; the first step of each batch and cache size waits while it
+            compiles).
         web: Mount the web chat at /chat (never shared publicly). It answers as many users at once as the
             batch holds (--max-batch-size, 8 without it); the others wait in its queue.
         max_body_bytes: Largest request body accepted; a larger one gets 413.
