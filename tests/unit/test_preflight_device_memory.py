@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = ROOT / "plugins" / "filter" / "preflight.py"
-CNMON = ROOT / "molecule" / "resources" / "fixtures" / "mlu-driver" / "cnmon"
+CNMON = ROOT / "sandbox" / "fixtures" / "mlu-driver" / "cnmon"
 GIB = 1 << 30
 MIB = 1 << 20
 RESERVE = 2 * GIB

@@ -22,7 +22,7 @@ import pytest
 
 ROOT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
 DOUBLES = ROOT / "runtime" / "tests" / "doubles"
-CARDS = ROOT / "molecule" / "resources" / "fixtures" / "mlu-driver" / "cards.conf"
+CARDS = ROOT / "sandbox" / "fixtures" / "mlu-driver" / "cards.conf"
 FACT = "/etc/ansible/facts.d/cla2_runtime.fact"
 DOUBLE_DIR = "/tmp/cla2-test-doubles"  # in the runtime container
 WORK = "/tmp/cla2-mlu-double"  # scratch outputs, and TMPDIR (torchrun's), in the runtime container
