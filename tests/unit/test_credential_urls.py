@@ -9,22 +9,16 @@ in the error.
 
 from __future__ import annotations
 
-import json
-import os
 import socket
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+from kit_ansible import ansible_playbook, include_role_play
 
-KIT = Path(__file__).resolve().parents[2]
 PASSWORD = "s3cretPW42"
 TOKEN = "t0kenXYZ99"
 
-# the kit's ansible-playbook, beside this python (never skipped for want of one on PATH)
-BIN = Path(sys.executable).parent
 
 
 def closed_port() -> int:
@@ -35,22 +29,8 @@ def closed_port() -> int:
 
 
 def run_playbook(tmp_path: Path, role: str, tasks_from: str, role_vars: dict) -> subprocess.CompletedProcess:
-    playbook = tmp_path / "play.yml"
-    playbook.write_text(textwrap.dedent(f"""\
-        - hosts: localhost
-          connection: local
-          gather_facts: {"true" if tasks_from == "main" else "false"}
-          tasks:
-            - ansible.builtin.include_role:
-                name: {role}
-                tasks_from: {tasks_from}
-              vars: {json.dumps(role_vars)}
-        """))
-    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(KIT / "roles"), ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1",
-               ANSIBLE_LOCALHOST_WARNING="0", ANSIBLE_INVENTORY_UNPARSED_WARNING="0",
-               ANSIBLE_CONFIG=str(KIT / "ansible.cfg"), ANSIBLE_PYTHON_INTERPRETER=sys.executable)
-    return subprocess.run([str(BIN / "ansible-playbook"), "-vvv", "-i", "localhost,", str(playbook)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
+    play = include_role_play(tmp_path / "play.yml", role, role_vars, tasks_from, gather_facts=tasks_from == "main")
+    return ansible_playbook(play, "-vvv")
 
 
 def driver_vars(tmp_path: Path, url: str) -> dict:

@@ -7,7 +7,6 @@ itself and declared names of any entry point pass.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kit_ansible import ansible_playbook
 
 KIT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(KIT / "collections"))
@@ -23,7 +23,6 @@ from ansible_collections.cla2.mlu.plugins.module_utils import known_vars as kv
 
 ROLES = ["preflight", "mlu_driver", "container_engine", "container_image", "model_weights", "runtime",
          "inference_service"]
-BIN = Path(sys.executable).parent
 
 
 def test_unknown_names_are_the_prefixed_public_undeclared_ones():
@@ -93,11 +92,7 @@ def run_role(tmp_path: Path, role_vars: dict) -> subprocess.CompletedProcess:
             - ansible.builtin.include_role:
                 name: demo
         """))
-    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(tmp_path / "roles"), ANSIBLE_CONFIG=str(KIT / "ansible.cfg"),
-               ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1", ANSIBLE_LOCALHOST_WARNING="0",
-               ANSIBLE_INVENTORY_UNPARSED_WARNING="0", ANSIBLE_PYTHON_INTERPRETER=sys.executable)
-    return subprocess.run([str(BIN / "ansible-playbook"), "-i", "localhost,", str(play)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
+    return ansible_playbook(play, roles_path=tmp_path / "roles")
 
 
 def test_the_action_fails_on_a_misspelt_name_with_the_closest_one(tmp_path):

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kit_ansible import ansible_playbook
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLE = ROOT / "roles" / "model_weights"
-BIN = Path(sys.executable).parent
 
 ITEMSIZE = {"HalfStorage": 2, "BFloat16Storage": 2, "FloatStorage": 4}
 ST_DTYPE = {"HalfStorage": "F16", "BFloat16Storage": "BF16", "FloatStorage": "F32"}
@@ -118,11 +118,7 @@ def run_role(tmp_path: Path, items: list, check: bool = False, **extra) -> subpr
         "vars": {"model_weights_models": items, "model_weights_models_dir": str(tmp_path / "models"),
                  "model_weights_datasets_dir": str(tmp_path / "datasets"), **extra},
         "roles": ["model_weights"]}], sort_keys=False))
-    env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
-           "ANSIBLE_ROLES_PATH": str(ROOT / "roles")}
-    cmd = [str(BIN / "ansible-playbook"), "-i", "127.0.0.1,", "-c", "local",
-           "-e", f"ansible_python_interpreter={sys.executable}", str(play)] + (["--check"] if check else [])
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    return ansible_playbook(play, *(["--check"] if check else []), inventory="127.0.0.1,")
 
 
 def recap_changed(res: subprocess.CompletedProcess) -> int:

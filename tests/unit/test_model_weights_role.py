@@ -11,14 +11,12 @@ import hashlib
 import http.server
 import os
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import yaml
+from kit_ansible import ansible_playbook
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 SECRET = "Pa55-w0rd-role"
 
 
@@ -29,11 +27,7 @@ def run_role(tmp_path: Path, items: list, verbosity: int = 0) -> subprocess.Comp
         "vars": {"model_weights_models": items, "model_weights_models_dir": str(tmp_path / "models"),
                  "model_weights_datasets_dir": str(tmp_path / "datasets"), "model_weights_convert": "never"},
         "roles": ["model_weights"]}], sort_keys=False))
-    env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
-           "ANSIBLE_ROLES_PATH": str(ROOT / "roles")}
-    cmd = [str(BIN / "ansible-playbook"), "-i", "127.0.0.1,", "-c", "local",
-           "-e", f"ansible_python_interpreter={sys.executable}", str(play)] + (["-" + "v" * verbosity] if verbosity else [])
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    return ansible_playbook(play, *(["-" + "v" * verbosity] if verbosity else []), inventory="127.0.0.1,")
 
 
 def make_model(folder: Path) -> str:

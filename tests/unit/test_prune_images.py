@@ -8,19 +8,13 @@ another repository are not touched. A second run changes nothing.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
-import sys
-import textwrap
 import uuid
 from pathlib import Path
 
 import pytest
-
-KIT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent  # the kit's ansible-playbook, beside this python
+from kit_ansible import ansible_playbook, include_role_play
 
 
 def docker(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -52,22 +46,7 @@ def prune(tmp_path: Path, repo: str, keep: str | None) -> subprocess.CompletedPr
     role_vars = {"container_engine_prune_repo": repo}
     if keep is not None:
         role_vars["container_engine_prune_keep"] = keep
-    playbook = tmp_path / "play.yml"
-    playbook.write_text(textwrap.dedent(f"""\
-        - hosts: localhost
-          connection: local
-          gather_facts: false
-          tasks:
-            - ansible.builtin.include_role:
-                name: container_engine
-                tasks_from: prune_images
-              vars: {json.dumps(role_vars)}
-        """))
-    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(KIT / "roles"), ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1",
-               ANSIBLE_LOCALHOST_WARNING="0", ANSIBLE_INVENTORY_UNPARSED_WARNING="0",
-               ANSIBLE_CONFIG=str(KIT / "ansible.cfg"), ANSIBLE_PYTHON_INTERPRETER=sys.executable)
-    return subprocess.run([str(BIN / "ansible-playbook"), "-i", "localhost,", str(playbook)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
+    return ansible_playbook(include_role_play(tmp_path / "play.yml", "container_engine", role_vars, "prune_images"))
 
 
 def tags(repo: str) -> set[str]:
