@@ -40,10 +40,10 @@ $(RT_VENV)/.done: runtime/pyproject.toml runtime/constraints.txt
 	touch $@
 
 compat-venv: $(COMPAT_VENV)/.done
-$(COMPAT_VENV)/.done: runtime/pyproject.toml roles/runtime/files/wheelhouse.py | venv
+$(COMPAT_VENV)/.done: runtime/pyproject.toml roles/cla2_runtime/files/wheelhouse.py | venv
 	$(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/pip install -q "torch==$(COMPAT_TORCH)" -e 'runtime[test]' \
-	  $$($(VENV)/bin/python roles/runtime/files/wheelhouse.py --pins-for-torch $(COMPAT_TORCH))
+	  $$($(VENV)/bin/python roles/cla2_runtime/files/wheelhouse.py --pins-for-torch $(COMPAT_TORCH))
 	touch $@
 
 sandbox-image:

@@ -99,7 +99,7 @@ def main() -> int:
     junit_dir = Path(tempfile.mkdtemp(prefix="demo-stages-junit-"))
     first = timed(pipe, env={"ANSIBLE_CALLBACKS_ENABLED": "ansible.builtin.junit",
                              "JUNIT_OUTPUT_DIR": str(junit_dir), "JUNIT_HIDE_TASK_ARGUMENTS": "true"})
-    rows.append(("pipeline, first run (runtime role + 11 jobs + report + service)", first))
+    rows.append(("pipeline, first run (cla2_runtime role + 11 jobs + report + service)", first))
     rerun = timed(pipe)
     rows.append(("pipeline, re-run (same run name: nothing to do)", rerun))
 

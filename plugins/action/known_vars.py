@@ -13,7 +13,9 @@ from ansible.errors import AnsibleActionFail
 from ansible.plugins.action import ActionBase
 from ansible_collections.cla2.mlu.plugins.module_utils.known_vars import (
     declared_options,
+    renamed_vars,
     set_by_tasks,
+    sibling_prefixes,
     unknown_vars,
     unknown_vars_message,
 )
@@ -26,7 +28,7 @@ def _load(path):
 
 class ActionModule(ActionBase):
     TRANSFERS_FILES = False
-    _VALID_ARGS = frozenset(("prefix", "outputs", "role_path"))
+    _VALID_ARGS = frozenset(("prefix", "outputs", "role_path", "renamed_from", "removed_in"))
     _requires_connection = False
 
     def run(self, tmp=None, task_vars=None):
@@ -51,8 +53,22 @@ class ActionModule(ActionBase):
                       for f in glob.glob(os.path.join(role_path, pattern), recursive=True)]
         outputs = set_by_tasks((_load(f) for f in task_files), prefix) | set(args.get("outputs") or [])
 
-        unknown = unknown_vars(task_vars.keys(), prefix, declared, outputs)
-        result.update(changed=False, unknown=unknown)
+        others = sibling_prefixes(os.path.dirname(os.path.normpath(role_path)), prefix)
+        unknown = unknown_vars(task_vars.keys(), prefix, declared, outputs, others)
+        renamed, misspelt_old = [], []
+        old_prefix = args.get("renamed_from")
+        if old_prefix:
+            # the role's defaults read each old name (cla2_runtime_x: "{{ runtime_x | default(...) }}"); a
+            # name with the old prefix and no new counterpart is as misspelt as one with the new prefix
+            renamed, misspelt_old = renamed_vars(task_vars.keys(), old_prefix, prefix, declared)
+            unknown = sorted(set(unknown) | set(misspelt_old))
+        result.update(changed=False, unknown=unknown, renamed={n: prefix + n[len(old_prefix):] for n in renamed})
+        if renamed:
+            removed_in = args.get("removed_in") or "a later release"
+            result["deprecations"] = [{
+                "msg": f"{role}: {n} is now {prefix + n[len(old_prefix):]} (the role was renamed from "
+                       f"{old_prefix.rstrip('_')}); the old name is read until {removed_in}, rename it in your inventory",
+                "version": args.get("removed_in"), "collection_name": "cla2.mlu"} for n in renamed]
         if unknown:
             rel = os.path.join("roles", role, os.path.relpath(spec_file, role_path))
             result.update(failed=True, msg=unknown_vars_message(role, unknown, declared, rel))

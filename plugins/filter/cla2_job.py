@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 
 from ansible.errors import AnsibleFilterError
-from ansible_collections.cla2.mlu.plugins.module_utils.known_vars import unknown_vars
+from ansible_collections.cla2.mlu.plugins.module_utils.known_vars import sibling_prefixes, unknown_vars
 
 # Flags the job layer sets itself from the playbook's variables (paths resolved under the data root,
 # the resume of a re-run): a mapping may not set them.
@@ -31,9 +31,10 @@ def _suggest(name: str, candidates, prefix: str = "") -> str:
     return f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
 
 
-def cla2_unknown_vars(names, known, flags=None):
+def cla2_unknown_vars(names, known, flags=None, roles_dir=None):
     """Messages for the cla2_* variables in `names` that the job layer does not declare (`known`);
-    `flags` ({job: {flag: spec}}) adds a hint when the name looks like a job's flag."""
+    `flags` ({job: {flag: spec}}) adds a hint when the name looks like a job's flag. The variables of the
+    roles beside it in `roles_dir` whose prefix extends cla2_ (cla2_runtime_*) are theirs."""
     flags = flags or {}
     messages = []
     bare_known = {k.removeprefix("cla2_"): k for k in known}
@@ -41,7 +42,8 @@ def cla2_unknown_vars(names, known, flags=None):
     def score(a, b):
         return difflib.SequenceMatcher(None, a, b).ratio()
 
-    for name in unknown_vars(names, "cla2_", known):
+    others = sibling_prefixes(roles_dir, "cla2_") if roles_dir else ()
+    for name in unknown_vars(names, "cla2_", known, others=others):
         bare = name.removeprefix("cla2_")
         # the closest declared variable, and the closest flag of a job (cla2_max_steps: a flag given as a
         # variable of its own); the closer of the two is the hint

@@ -11,6 +11,7 @@ itself is a misspelt name.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from collections.abc import Iterable
 
@@ -21,12 +22,37 @@ def closest(name: str, candidates: Iterable[str], cutoff: float = 0.6) -> str | 
     return found[0] if found else None
 
 
-def unknown_vars(given: Iterable[str], prefix: str, declared: Iterable[str], outputs: Iterable[str] = ()) -> list[str]:
+def unknown_vars(given: Iterable[str], prefix: str, declared: Iterable[str], outputs: Iterable[str] = (),
+                 others: Iterable[str] = ()) -> list[str]:
     """The names in `given` that start with `prefix` (not `prefix_`, the internal ones) and are neither
-    declared nor set by the role itself (`outputs`), sorted."""
+    declared nor set by the role itself (`outputs`), sorted. A name with a longer prefix in `others` is
+    another role's (`cla2_runtime_image_repo` is cla2_runtime's, not the cla2 role's)."""
     public = re.compile(re.escape(prefix) + "[^_]")
     known = set(declared) | set(outputs)
-    return sorted({n for n in given if public.match(n) and n not in known})
+    others = tuple(o for o in others if o.startswith(prefix) and o != prefix)
+    return sorted({n for n in given if public.match(n) and n not in known and not n.startswith(others)})
+
+
+def sibling_prefixes(roles_dir: str, prefix: str) -> list[str]:
+    """The prefixes (`name_`) of the roles beside this one in `roles_dir` that extend `prefix`: their
+    variables are theirs, not misspelt names of this role."""
+    try:
+        names = sorted(os.listdir(roles_dir))
+    except OSError:
+        return []
+    return [n + "_" for n in names
+            if (n + "_").startswith(prefix) and n + "_" != prefix and os.path.isdir(os.path.join(roles_dir, n, "tasks"))]
+
+
+def renamed_vars(given: Iterable[str], old_prefix: str, prefix: str, declared: Iterable[str]) -> tuple[list[str], list[str]]:
+    """The names in `given` with a role's former prefix (`runtime_` before the role became
+    `cla2_runtime`): (those that have a declared new name, read through the role's defaults with a
+    deprecation warning; those that have none: misspelt). Internal names (`runtime__x`) are ignored."""
+    public = re.compile(re.escape(old_prefix) + "[^_]")
+    declared = set(declared)
+    old = sorted({n for n in given if public.match(n)})
+    return ([n for n in old if prefix + n[len(old_prefix):] in declared],
+            [n for n in old if prefix + n[len(old_prefix):] not in declared])
 
 
 def unknown_vars_message(role: str, unknown: list[str], declared: Iterable[str], spec_file: str) -> str:

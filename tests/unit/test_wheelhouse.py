@@ -1,4 +1,4 @@
-"""The runtime role's wheelhouse builder (roles/runtime/files/wheelhouse.py), run as the role runs it, for
+"""The cla2_runtime role's wheelhouse builder (roles/cla2_runtime/files/wheelhouse.py), run as the role runs it, for
 an image other than the sandbox's: Cambricon's PyTorch image for the MLU370 ships torch 2.1 and Python
 3.10, so the wheelhouse must hold what still runs there (transformers before 4.56, NumPy 1), never torch
 itself, and an image whose torch cla2 cannot use must be refused before anything is downloaded.
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "roles" / "runtime" / "files" / "wheelhouse.py"
+SCRIPT = ROOT / "roles" / "cla2_runtime" / "files" / "wheelhouse.py"
 
 
 def load_script():

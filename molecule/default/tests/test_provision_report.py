@@ -42,7 +42,7 @@ def test_provision_json_has_the_summary(host, reports):
         image_id = host.check_output("docker image inspect --format '{{.Id}}' %s", image)
     assert versions["docker"] == docker
     assert versions["image"] == {"name": image, "id": image_id}
-    # the runtime site.yml deployed after provisioning, as the runtime role recorded it on the host
+    # the runtime site.yml deployed after provisioning, as the cla2_runtime role recorded it on the host
     runtime = json.loads(host.file("/etc/ansible/facts.d/cla2_runtime.fact").content_string)
     assert versions["runtime"] == runtime and runtime.get("image"), versions["runtime"]
     for item in ansible_var(host, "model_weights_models"):
@@ -58,7 +58,7 @@ def test_provision_json_has_the_summary(host, reports):
 def test_the_converge_report_lists_what_it_changed(history):
     converge = history[-2]
     assert converge["ok"] is True
-    for role in ("mlu_driver", "container_engine", "container_image", "model_weights", "runtime"):
+    for role in ("mlu_driver", "container_engine", "container_image", "model_weights", "cla2_runtime"):
         assert converge["changed"].get(role), "converge changed nothing in {}: {}".format(role, converge["changed"])
     assert "Install the driver package (.deb)" in converge["changed"]["mlu_driver"]
     assert "Archive is loaded" in converge["changed"]["container_image"]

@@ -15,7 +15,7 @@ CONTAINER = "cla2-runtime"
 
 
 def data_root(host):
-    return ansible_var(host, "runtime_data_root") or "/data"
+    return ansible_var(host, "cla2_runtime_data_root") or "/data"
 
 
 def test_runtime_container_runs_on_the_loaded_image(host):

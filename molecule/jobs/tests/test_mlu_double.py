@@ -3,7 +3,7 @@
 runtime/tests/doubles/torch_mlu is a CPU-backed test double of Cambricon's torch_mlu (its __init__.py says what
 it simulates). It is a fixture of this module only: the `runtime` fixture checks that the product's image has no
 torch_mlu of its own, copies the double into the running runtime container under /tmp/cla2-test-doubles and
-removes it (and the scratch outputs) after; the product, the runtime role and the stand-in PyTorch image never
+removes it (and the scratch outputs) after; the product, the cla2_runtime role and the stand-in PyTorch image never
 hold it. Every command runs with the double on PYTHONPATH and a simulated host that matches the sandbox's fake
 cards (sandbox/fixtures/mlu-driver/cards.conf), on the model and data the converge placed (the
 pipeline's demo assets). So device.py's mlu branch, the cncl backend, MLU_VISIBLE_DEVICES, the plan's device

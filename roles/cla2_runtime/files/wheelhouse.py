@@ -112,12 +112,12 @@ def build_deepspeed(args: argparse.Namespace, folder: Path, constraints: Path) -
     if proc.returncode or not found:
         sys.stderr.write(proc.stdout + proc.stderr)
         sys.stderr.write("could not build a DeepSpeed wheel on the controller (see pip's message above); "
-                         "provide the vendor's wheel instead (runtime_deepspeed_wheel)\n")
+                         "provide the vendor's wheel instead (cla2_runtime_deepspeed_wheel)\n")
         return None
     name = found[-1].name
     if not name.endswith("-py3-none-any.whl"):
         sys.stderr.write(f"{name}: DeepSpeed was built for this controller, not as pure Python; "
-                         "provide a wheel for the image instead (runtime_deepspeed_wheel)\n")
+                         "provide a wheel for the image instead (cla2_runtime_deepspeed_wheel)\n")
         return None
     return name.split("-")[1]
 
