@@ -131,7 +131,7 @@ def conversion(res: subprocess.CompletedProcess) -> str:
     """What the conversion task reported: changed, ok, skipping (or failed)."""
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     lines = res.stdout.splitlines()
-    i = next(i for i, x in enumerate(lines) if "PyTorch .bin weights converted to safetensors" in x)
+    i = next(i for i, x in enumerate(lines) if "Convert PyTorch .bin weights to safetensors" in x)
     return next(x for x in lines[i + 1:] if x.strip()).split(":")[0]
 
 

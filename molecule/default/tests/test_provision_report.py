@@ -61,7 +61,7 @@ def test_the_converge_report_lists_what_it_changed(history):
     for role in ("mlu_driver", "container_engine", "container_image", "model_weights", "cla2_runtime"):
         assert converge["changed"].get(role), "converge changed nothing in {}: {}".format(role, converge["changed"])
     assert "Install the driver package (.deb)" in converge["changed"]["mlu_driver"]
-    assert "Archive is loaded" in converge["changed"]["container_image"]
+    assert "Load the archive" in converge["changed"]["container_image"]
 
 
 def test_the_idempotence_report_lists_no_change(reports, history):

@@ -30,6 +30,6 @@ def test_serve_check_mode_changes_nothing_on_a_running_service(host):
     for name, _ok, changed, unreachable, failed in recap:
         assert (int(changed), int(unreachable), int(failed)) == (0, 0, 0), (name, out[-4000:])
     # the live checks ran (read-only) instead of being skipped
-    assert "HAProxy sees every replica UP" in res.stdout and "The service answered" in res.stdout
+    assert "Wait until HAProxy sees every replica UP" in res.stdout and "Check that the service answered" in res.stdout
     assert "check mode: cla2-serve" not in res.stdout
     assert host.check_output("cat /etc/cla2/cla2-serve-r0.applied /etc/cla2/cla2-serve-r1.applied") == before
