@@ -38,8 +38,6 @@ FILES = [
 
 # TODO(merge): include once renamed
 EXCLUDED = [
-    "roles/runtime/**",
-    "playbooks/runtime.yml",
     "molecule/preflight_driver_failures/**",
     "molecule/image_weights_failures/**",
 ]
