@@ -7,6 +7,8 @@ from a URL, half-installed packages repaired, and a driver change that drains, r
 Runs in molecule's verify only: each run of a role is one ansible-playbook run against the scenario's
 host (molecule/resources/failure_cases.py), on the host converge.yml set up. Every case states the host
 it starts from (`needs`): the driver absent or installed, the simulated cards' state, a fake sysfs.
+Only mlu_driver's plays gather facts (it reads the OS family from them); preflight gathers the few its
+gates read itself, after its support probe, as in provision.yml's first play.
 """
 
 from __future__ import annotations
@@ -99,16 +101,15 @@ CASES = [
     # --- role variables: argument_specs and the undeclared-name check, on a host the roles never touched
     Case("misspelt_preflight_variable", "preflight", {"preflight_expected_device": 16},
          expect=["unknown variable(s) preflight_expected_device:", "misspelt"],
-         needs=[untouched_host], absent=[FACT], gather_facts=True),
+         needs=[untouched_host], absent=[FACT]),
     Case("mistyped_preflight_variable", "preflight", {"preflight_expected_devices": "sixteen"},
-         argument_errors=["preflight_expected_devices", "int"], needs=[untouched_host], absent=[FACT],
-         gather_facts=True),
+         argument_errors=["preflight_expected_devices", "int"], needs=[untouched_host], absent=[FACT]),
     Case("misspelt_preflight_models_key", "preflight", tasks_from="device_memory",
          vars={"preflight_models": [
              {"name": "chinese-alpaca-2-13b", "weight_bytes": 26500000000, "devices_per_replicas": 2}]},
          argument_errors=["^missing required arguments: devices_per_replica found in preflight_models$",
                           "preflight_models.devices_per_replicas"],
-         needs=[untouched_host], absent=[FACT], gather_facts=True),
+         needs=[untouched_host], absent=[FACT]),
     # --- the support gate (roles/preflight/vars/support_matrix.yml) on the fake os-release files
     Case("os_refused_centos7", "preflight", {"preflight_os_release_path": f"{FAKE_OS}/centos7"},
          task=ALL_PROBLEMS,
@@ -116,7 +117,7 @@ CASES = [
                  "CentOS Linux 7 (Core) (os-release ID centos, VERSION_ID 7) is CentOS 7 / RHEL 7, which this kit cannot manage",
                  "it has yum but no dnf", "June 2024. Reinstall the host with a supported OS",
                  "See docs/support.md; no override"],
-         needs=[untouched_host], absent=[FACT], gather_facts=True),
+         needs=[untouched_host], absent=[FACT]),
     Case("python_too_old_ubuntu1804", "preflight",
          {"preflight_os_release_path": f"{FAKE_OS}/ubuntu1804", "ansible_python_interpreter": f"{FAKE_OS}/python3.6"},
          task="Refuse a host whose Python cannot run Ansible's modules (no fact gathered, nothing changed)",
@@ -124,7 +125,7 @@ CASES = [
                  "is Ubuntu 18.04 (bionic), which this kit cannot manage: its python3 is 3.6",
                  f"[2] target Python 3.6.9 ({FAKE_OS}/python3.6) is older than 3.8",
                  "upgrade the host to Ubuntu 22.04 or 20.04"],
-         needs=[untouched_host], absent=[FACT], gather_facts=True),
+         needs=[untouched_host], absent=[FACT]),
     Case("support_entry_python_too_old", "preflight", tasks_from="support",
          vars={"preflight_os_release_path": f"{FAKE_OS}/ubuntu1804",
                "ansible_python_interpreter": f"{FAKE_OS}/python3.6"},
@@ -135,11 +136,11 @@ CASES = [
          task=ALL_PROBLEMS,
          expect=["openSUSE Leap 15.5 (os-release ID opensuse-leap, VERSION_ID 15.5) is not in the support matrix",
                  "apt (Debian family) or dnf (RedHat family) only"],
-         needs=[untouched_host], absent=[FACT], gather_facts=True),
+         needs=[untouched_host], absent=[FACT]),
     Case("os_not_in_matrix", "preflight", {"preflight_os_release_path": f"{FAKE_OS}/debian13"},
          expect=["UNSUPPORTED OS: Debian GNU/Linux 13 (trixie) (os-release ID debian, VERSION_ID 13) is not in the support matrix",
                  "set preflight_ignore_os: true to run anyway"],
-         needs=[untouched_host], absent=[FACT], gather_facts=True),
+         needs=[untouched_host], absent=[FACT]),
     Case("misspelt_mlu_driver_variable", "mlu_driver", {"mlu_driver_reboot_alowed": True},
          expect=["unknown variable(s) mlu_driver_reboot_alowed:"],
          needs=[driver_absent], check=nothing_installed, gather_facts=True),
@@ -149,27 +150,27 @@ CASES = [
     # --- preflight gates (no driver: the device memory is unknown)
     Case("wrong_card_count", "preflight", {"preflight_expected_devices": 16},
          expect=["preflight found 1 problem(s)", "expected 16 MLU devices (PCI vendor 0xcabc) but found 0"],
-         needs=[driver_absent], gather_facts=True),
+         needs=[driver_absent]),
     Case("dropped_device", "preflight", {"preflight_sysfs_root": FAKE_SYSFS, "preflight_expected_devices": 16},
          expect=["preflight found 2 problem(s)", "expected 16 MLU devices (PCI vendor 0xcabc) but found 15",
                  "dropped PCI device(s), config space reads as all ones: 0000:80:00.0"],
-         needs=[driver_absent, fake_sysfs(15, 1)], gather_facts=True),
+         needs=[driver_absent, fake_sysfs(15, 1)]),
     Case("device_memory_unknown_after_driver", "preflight", {}, tasks_from="device_memory",
          task=MEMORY_GATE,
          expect=["device memory unknown: cnmon not found on the host",
                  "chinese-alpaca-2-13b needs 15397483648 bytes = 14.3 GiB on each of 2 device(s) per replica",
                  "preflight_ignore_device_memory"],
-         needs=[driver_absent], gather_facts=True),
+         needs=[driver_absent]),
     Case("disk_too_small", "preflight", {"preflight_required_free_bytes": TOO_MUCH_DISK},
          expect=["free space under /data", "needs 1024.0 TiB (1125899906842624 bytes)"],
-         needs=[driver_absent], gather_facts=True),
+         needs=[driver_absent]),
     Case("all_problems_at_once", "preflight",
          {"preflight_os_release_path": f"{FAKE_OS}/debian13", "preflight_expected_devices": 16,
           "preflight_required_free_bytes": TOO_MUCH_DISK, "preflight_kernel_headers_required": True},
          task=ALL_PROBLEMS,
          expect=["preflight found 4 problem(s)", "UNSUPPORTED OS: Debian GNU/Linux 13 (trixie)",
                  "expected 16 MLU devices", "free space under /data", "kernel headers for the running kernel"],
-         needs=[driver_absent], gather_facts=True),
+         needs=[driver_absent]),
     # --- mlu_driver package source
     Case("driver_file_missing", "mlu_driver",
          {"mlu_driver_package_file": "/nonexistent/cambricon-mlu-driver_5.10.22_amd64.deb"},
@@ -204,17 +205,17 @@ CASES = [
                  "the smallest device (index 1, 8192 MiB) offers 7730941132 bytes = 7.2 GiB at usable fraction 0.9",
                  "it would take 5 devices per replica", "use a smaller model",
                  "override preflight_ignore_device_memory"],
-         needs=[driver_installed, cards("1 MLU370-X8 v1.1.6 0000:3D:00.0 0 ok 8192")], gather_facts=True),
+         needs=[driver_installed, cards("1 MLU370-X8 v1.1.6 0000:3D:00.0 0 ok 8192")]),
     Case("device_memory_too_small_after_driver", "preflight", {}, tasks_from="device_memory", task=MEMORY_GATE,
          expect=["(device memory, read after mlu_driver)", "needs 15397483648 bytes = 14.3 GiB per device",
                  "the smallest device (index 1, 8192 MiB)"],
-         needs=[driver_installed, cards("1 MLU370-X8 v1.1.6 0000:3D:00.0 0 ok 8192")], gather_facts=True),
+         needs=[driver_installed, cards("1 MLU370-X8 v1.1.6 0000:3D:00.0 0 ok 8192")]),
     Case("device_memory_too_few_devices", "preflight",
          {"preflight_models": [{"name": "chinese-alpaca-2-7b", "weight_bytes": 13900000000, "devices_per_replica": 4}]},
          expect=["chinese-alpaca-2-7b (13900000000 bytes = 12.9 GiB of weights) on 4 device(s) per replica",
                  "but the host has only 2 device(s) (cnmon)",
                  "set devices_per_replica to 1 for chinese-alpaca-2-7b (fewer devices per replica"],
-         needs=[driver_installed], gather_facts=True),
+         needs=[driver_installed]),
 ]
 
 
@@ -252,7 +253,7 @@ def test_preflight_counts_16_answering_devices_not_the_virtual_function(host) ->
     driver_absent(host)
     fake_sysfs(16, 0)(host)
     facts = passed("preflight", {"preflight_sysfs_root": FAKE_SYSFS, "preflight_expected_devices": 16},
-                   facts=["preflight_pci", "preflight_problems", "preflight_device_memory"], gather_facts=True)
+                   facts=["preflight_pci", "preflight_problems", "preflight_device_memory"])
     assert facts["preflight_pci"]["count"] == 16 and facts["preflight_pci"]["dropped"] == [], facts
     assert facts["preflight_problems"] == [], facts
     # no driver yet: the memory of the sandbox's preflight_models is unknown, said and not failed
@@ -268,7 +269,7 @@ def test_overrides_turn_every_problem_into_a_warning(host) -> None:
         "preflight_os_release_path": f"{FAKE_OS}/debian13", "preflight_expected_devices": 16,
         "preflight_required_free_bytes": TOO_MUCH_DISK, "preflight_kernel_headers_required": True,
         "preflight_ignore_os": True, "preflight_ignore_device_count": True, "preflight_ignore_disk_space": True,
-        "preflight_ignore_kernel_headers": True}, facts=["preflight_problems", "preflight_warnings"], gather_facts=True)
+        "preflight_ignore_kernel_headers": True}, facts=["preflight_problems", "preflight_warnings"])
     assert facts["preflight_problems"] == [], facts
     assert len(facts["preflight_warnings"]) == 4, facts
     assert re.match("UNSUPPORTED OS. Debian GNU/Linux 13", facts["preflight_warnings"][0]), facts
@@ -288,7 +289,7 @@ def test_device_memory_override_turns_the_refusal_into_a_warning(host) -> None:
     driver_installed(host)
     cards("1 MLU370-X8 v1.1.6 0000:3D:00.0 0 ok 8192")(host)
     facts = passed("preflight", {"preflight_ignore_device_memory": True},
-                   facts=["preflight_problems", "preflight_warnings"], gather_facts=True)
+                   facts=["preflight_problems", "preflight_warnings"])
     assert facts["preflight_problems"] == [] and len(facts["preflight_warnings"]) == 1, facts
     assert "the smallest device (index 1, 8192 MiB)" in facts["preflight_warnings"][0], facts
 
@@ -297,9 +298,8 @@ def test_both_memory_gates_pass_on_devices_that_hold_the_models(host) -> None:
     """13B on 2 devices per replica, both at 23374 MiB: preflight and the gate after mlu_driver weigh the
     memory read from cnmon and pass."""
     driver_installed(host)
-    assert passed("preflight", facts=["preflight_problems"], gather_facts=True)["preflight_problems"] == []
-    memory = passed("preflight", tasks_from="device_memory", facts=["preflight_device_memory"],
-                    gather_facts=True)["preflight_device_memory"]
+    assert passed("preflight", facts=["preflight_problems"])["preflight_problems"] == []
+    memory = passed("preflight", tasks_from="device_memory", facts=["preflight_device_memory"])["preflight_device_memory"]
     assert memory["state"] == "checked" and memory["ok"] and memory["device_count"] == 2, memory
     assert memory["smallest"]["memory_mib"] == 23374 and memory["usable_bytes"] == 22058473881, memory
     assert memory["models"][0]["need_bytes"] == 15397483648 and memory["models"][0]["replicas"] == 1, memory
