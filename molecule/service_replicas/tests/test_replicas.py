@@ -264,6 +264,20 @@ def test_a_host_without_mlu_device_nodes_is_refused_before_anything_changes(host
     assert not host.file("/etc/systemd/system/cla2-nodev-r0.service").exists
 
 
+def test_a_cpu_service_on_a_host_without_mlu_device_nodes_serves(host):
+    # `make demo`'s sandbox host: no /dev/cambricon_dev<N> (here: patterns that find none) and the CPU. The plan's
+    # group [0] names no node there: the replica runs with none instead of being refused
+    try:
+        res = play(inference_service_name="cla2-cpu", inference_service_port=19460, inference_service_device="cpu",
+                   inference_service_device_patterns=["cambricon_none*"], inference_service_device_groups=[])
+        assert res.returncode == 0, res.stdout[-3000:]
+        assert host.run("docker exec cla2-cpu-r0 sh -c 'ls -1 /dev | grep ^cambricon'").stdout.split() == []
+        answer = chat(f"{address(host).rsplit(':', 1)[0]}:19460", timeout=120)
+        assert answer.status_code == 200, answer.text
+    finally:
+        remove_service(host, "cla2-cpu")
+
+
 def test_a_replica_without_its_devices_fails_with_the_cause_instead_of_serving_from_the_cpu(host):
     # the nodes are there but torch sees no MLU (the sandbox's image: no torch_mlu): --device mlu is passed, so
     # the replica reports why it cannot load rather than falling back to the CPU and passing the smoke test
