@@ -55,20 +55,21 @@ class ActionModule(ActionBase):
 
         others = sibling_prefixes(os.path.dirname(os.path.normpath(role_path)), prefix)
         unknown = unknown_vars(task_vars.keys(), prefix, declared, outputs, others)
-        renamed, misspelt_old = [], []
+        renamed = {}  # old name -> new name
         old_prefix = args.get("renamed_from")
         if old_prefix:
             # the role's defaults read each old name (cla2_runtime_x: "{{ runtime_x | default(...) }}"); a
             # name with the old prefix and no new counterpart is as misspelt as one with the new prefix
-            renamed, misspelt_old = renamed_vars(task_vars.keys(), old_prefix, prefix, declared)
+            old_names, misspelt_old = renamed_vars(task_vars.keys(), old_prefix, prefix, declared)
+            renamed = {n: prefix + n[len(old_prefix):] for n in old_names}
             unknown = sorted(set(unknown) | set(misspelt_old))
-        result.update(changed=False, unknown=unknown, renamed={n: prefix + n[len(old_prefix):] for n in renamed})
+        result.update(changed=False, unknown=unknown, renamed=renamed)
         if renamed:
             removed_in = args.get("removed_in") or "a later release"
             result["deprecations"] = [{
-                "msg": f"{role}: {n} is now {prefix + n[len(old_prefix):]} (the role was renamed from "
-                       f"{old_prefix.rstrip('_')}); the old name is read until {removed_in}, rename it in your inventory",
-                "version": args.get("removed_in"), "collection_name": "cla2.mlu"} for n in renamed]
+                "msg": f"{role}: {old} is now {new} (the role was renamed from {old_prefix.rstrip('_')}); "
+                       f"the old name is read until {removed_in}, rename it in your inventory",
+                "version": args.get("removed_in"), "collection_name": "cla2.mlu"} for old, new in renamed.items()]
         if unknown:
             rel = os.path.join("roles", role, os.path.relpath(spec_file, role_path))
             result.update(failed=True, msg=unknown_vars_message(role, unknown, declared, rel))

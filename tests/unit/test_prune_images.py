@@ -1,4 +1,4 @@
-"""container_engine's prune_images entry point, the one place the runtime and inference_service roles remove
+"""container_engine's prune_images entry point, the one place the cla2_runtime and inference_service roles remove
 the images of earlier runtime wheels (issue 16: it was a shell copied into both).
 
 Runs the entry point with ansible-playbook on localhost against this machine's docker: of four tagged images

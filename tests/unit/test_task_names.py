@@ -52,8 +52,7 @@ BLOCK_KEYS = ("block", "rescue", "always")
 
 
 def files() -> list[Path]:
-    found = {path for pattern in FILES for path in KIT.glob(pattern) if path.name != "molecule.yml"}
-    return sorted(found)
+    return sorted({path for pattern in FILES for path in KIT.glob(pattern) if path.name != "molecule.yml"})
 
 
 def task_names(tasks, kind: str):
