@@ -1,7 +1,9 @@
 """`cla2 run`: a job started in the background under a flock lock; attach, refuse, done, stale, signals.
 
 Every start goes through `python -m cla2 run` in a subprocess, as Ansible runs it; the jobs are small
-`python -c` scripts that sleep a second or two.
+`python -c` scripts. What a test checks while a job runs, it checks while the job waits for the test's
+"go" file (GO); what the job has done before the test acts, the job says with a file of its own (a
+handshake): no test depends on how fast the machine is.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from pathlib import Path
 import pytest
 
 PY = sys.executable
+# A job's statement that waits until the test creates RUN_DIR/go (the job's working directory); one line, so
+# that the job's argv stays one line in its log.
+GO = "import os, time; any(time.sleep(0.01) for _ in iter(lambda: os.path.exists('go'), True))"
+# Generous: a wait ends as soon as its condition holds; only a broken job waits this long.
+WAIT_S = 60.0
 
 
 def cla2_run(run_dir: Path, name: str, *argv: str, status: bool = False) -> subprocess.CompletedProcess:
@@ -48,7 +55,7 @@ def lock_held(lock: Path) -> bool:
     return False
 
 
-def wait_free(run_dir: Path, name: str, timeout: float = 10.0) -> dict:
+def wait_free(run_dir: Path, name: str, timeout: float = WAIT_S) -> dict:
     """Wait until the job's lock is free; its final record."""
     deadline = time.monotonic() + timeout
     while lock_held(run_dir / f".lock-{name}"):
@@ -66,11 +73,19 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
-def wait_dead(pid: int, timeout: float = 5.0) -> None:
+def wait_dead(pid: int, timeout: float = WAIT_S) -> None:
     deadline = time.monotonic() + timeout
     while alive(pid):
         assert time.monotonic() < deadline, f"pid {pid} still alive after {timeout} s"
         time.sleep(0.05)
+
+
+def wait_file(path: Path, timeout: float = WAIT_S) -> None:
+    """Wait until the job has written ``path`` (its side of a handshake)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"the job did not write {path} within {timeout} s"
+        time.sleep(0.02)
 
 
 def snapshot(run_dir: Path) -> dict[str, bytes]:
@@ -90,17 +105,17 @@ def run_dir(tmp_path):
 
 
 def test_start_returns_at_once_and_records_the_job(run_dir):
-    code = ("import json, os, time; print('job says hi'); "
+    code = ("import json, os; print('job says hi'); "
             "open(os.environ['CLA2_STATUS_FILE'], 'w').write(json.dumps({'step': 3, 'of': 10})); "
-            "time.sleep(2); print('job says bye')")
-    t0 = time.monotonic()
+            f"open('ready', 'w').close(); {GO}; print('job says bye')")
+    # The job cannot end before the test creates "go", after the start returned: a start that waited for
+    # its job would never return (cla2_run's timeout).
     p = cla2_run(run_dir, "ft", *job(code))
-    elapsed = time.monotonic() - t0
+    returned = time.time()
     assert p.returncode == 0, p.stderr
     started = out(p)
     assert started["state"] == "started"
     assert started["argv"] == job(code)
-    assert elapsed < 1.5, f"the start took {elapsed:.1f} s: it must not wait for the job"
     rec = json.loads((run_dir / "ft.job.json").read_text())
     assert rec["state"] == "running" and rec["pid"] == started["pid"] and rec["argv"] == job(code)
     assert {"name", "supervisor_pid", "host", "started"} <= rec.keys() and rec["name"] == "ft"
@@ -109,19 +124,23 @@ def test_start_returns_at_once_and_records_the_job(run_dir):
     # the host-side contract: flock(1) sees the lock
     if shutil.which("flock"):
         assert subprocess.run(["flock", "-n", str(run_dir / ".lock-ft"), "true"]).returncode == 1
-    time.sleep(0.5)
+    wait_file(run_dir / "ready")  # its progress is written
     st = out(cla2_run(run_dir, "ft", status=True))
     assert st["state"] == "running" and st["lock"] == "held" and st["pid"] == rec["pid"]
     assert st["progress"] == {"step": 3, "of": 10} and st["done"] is None
     assert not (run_dir / ".done-ft").exists()
 
+    (run_dir / "go").touch()
+    released = time.time()
     final = wait_free(run_dir, "ft")
-    assert final["state"] == "succeeded" and final["rc"] == 0 and final["ended"] >= final["started"]
-    assert final["seconds"] >= 2
+    assert final["state"] == "succeeded" and final["rc"] == 0
+    # the job ran from before the start returned until after it was let go
+    assert final["started"] <= returned <= released <= final["ended"]
+    assert final["seconds"] == round(final["ended"] - final["started"], 3)
     done = json.loads((run_dir / ".done-ft").read_text())
     assert done["argv"] == job(code) and done["seconds"] == final["seconds"]
     log = (run_dir / "ft.log").read_text().splitlines()
-    assert log[0].startswith("== start ") and log[1:3] == ["job says hi", "job says bye"]
+    assert log[0].startswith("== start ") and log[1:3] == ["job says hi", "job says bye"], log
     assert log[3].startswith("== end ") and log[3].endswith(" rc=0")
     if shutil.which("flock"):
         assert subprocess.run(["flock", "-n", str(run_dir / ".lock-ft"), "true"]).returncode == 0
@@ -139,7 +158,7 @@ def test_the_job_runs_in_the_run_dir_with_the_status_file(run_dir):
 
 
 def test_second_start_attaches_to_the_running_job(run_dir):
-    code = "import os, time; open('starts', 'a').write(f'{os.getpid()}\\n'); time.sleep(1.5)"
+    code = f"import os; open('starts', 'a').write(f'{{os.getpid()}}\\n'); {GO}"
     first = out(cla2_run(run_dir, "ft", *job(code)))
     second = cla2_run(run_dir, "ft", *job(code))
     assert second.returncode == 0, second.stderr
@@ -147,23 +166,25 @@ def test_second_start_attaches_to_the_running_job(run_dir):
     assert attached["state"] == "running"
     assert attached["pid"] == first["pid"] and attached["started"] == first["started"]
     assert attached["argv"] == job(code)
+    (run_dir / "go").touch()
     wait_free(run_dir, "ft")
     assert (run_dir / "starts").read_text().split() == [str(first["pid"])], "one job process, not two"
     assert (run_dir / "ft.log").read_text().count("== start ") == 1
 
 
 def test_other_arguments_while_running_are_refused(run_dir):
-    first = out(cla2_run(run_dir, "ft", *job("import time; time.sleep(1.5)")))
+    first = out(cla2_run(run_dir, "ft", *job(GO), "--max-steps", "10"))
     before = (run_dir / "ft.job.json").read_bytes()
-    p = cla2_run(run_dir, "ft", *job("import time; time.sleep(1.6)"))
+    p = cla2_run(run_dir, "ft", *job(GO), "--max-steps", "20")
     assert p.returncode == 2
     refused = out(p)
     assert refused["state"] == "refused"
     assert "ft is already running" in p.stderr and "other arguments" in p.stderr
-    assert f"kill {first['supervisor_pid']}" in p.stderr and "1.5)" in p.stderr and "1.6)" in p.stderr
+    assert f"kill {first['supervisor_pid']}" in p.stderr and "--max-steps 10 -> --max-steps 20" in p.stderr
     assert refused["error"] in p.stderr
     assert (run_dir / "ft.job.json").read_bytes() == before
-    assert wait_free(run_dir, "ft")["argv"] == job("import time; time.sleep(1.5)")
+    (run_dir / "go").touch()
+    assert wait_free(run_dir, "ft")["argv"] == [*job(GO), "--max-steps", "10"]
 
 
 def test_finished_with_the_same_arguments_is_done_without_running_again(run_dir):
@@ -218,7 +239,7 @@ def test_a_failing_job_records_its_rc_and_no_done(run_dir):
 
 
 def test_a_stale_lock_is_reported_cleared_and_the_job_started(run_dir):
-    argv = job("import time; time.sleep(30)")
+    argv = job("import time; time.sleep(300)")
     first = out(cla2_run(run_dir, "ft", *argv))
     os.kill(first["supervisor_pid"], signal.SIGKILL)
     os.kill(first["pid"], signal.SIGKILL)
@@ -242,17 +263,16 @@ def test_a_stale_lock_is_reported_cleared_and_the_job_started(run_dir):
 
 
 def test_the_job_does_not_outlive_a_killed_supervisor(run_dir):
-    started = out(cla2_run(run_dir, "ft", *job("import time; time.sleep(30)")))
+    started = out(cla2_run(run_dir, "ft", *job("import time; time.sleep(300)")))
     os.kill(started["supervisor_pid"], signal.SIGKILL)
-    wait_dead(started["pid"], timeout=3)  # PR_SET_PDEATHSIG: no orphan runs beside a restart
+    wait_dead(started["pid"])  # PR_SET_PDEATHSIG: no orphan runs beside a restart
 
 
 def test_sigterm_to_the_supervisor_stops_the_job_and_records_failed(run_dir):
-    code = "import time; print('up', flush=True); time.sleep(30)"
-    started = out(cla2_run(run_dir, "ft", *job(code)))
-    time.sleep(0.3)
+    # the job has no handler: whenever the signal reaches it, it dies of it
+    started = out(cla2_run(run_dir, "ft", *job("import time; time.sleep(300)")))
     os.kill(started["supervisor_pid"], signal.SIGTERM)
-    final = wait_free(run_dir, "ft", timeout=5)
+    final = wait_free(run_dir, "ft")
     assert final["state"] == "failed" and final["rc"] == -signal.SIGTERM and final["signal"] == "SIGTERM"
     wait_dead(started["pid"])
     assert not (run_dir / ".done-ft").exists()
@@ -293,7 +313,7 @@ def test_status_of_a_job_never_started(run_dir):
 
 
 def test_concurrent_starts_run_one_job(run_dir):
-    code = "import os, time; open('starts', 'a').write(f'{os.getpid()}\\n'); time.sleep(1.5)"
+    code = f"import os; open('starts', 'a').write(f'{{os.getpid()}}\\n'); {GO}"
     cmd = [PY, "-m", "cla2", "run", "--dir", str(run_dir), "--name", "ft", "--", *job(code)]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(4)]
@@ -304,20 +324,21 @@ def test_concurrent_starts_run_one_job(run_dir):
         results.append(json.loads(stdout))
     assert sorted(r["state"] for r in results) == ["running", "running", "running", "started"]
     assert len({r["pid"] for r in results}) == 1
+    (run_dir / "go").touch()
     wait_free(run_dir, "ft")
     assert (run_dir / "starts").read_text().split() == [str(results[0]["pid"])]
 
 
 def test_a_job_stopped_through_the_supervisor_is_not_done_even_if_it_exits_0(run_dir):
+    # The job says its handler is in place with a file it writes after installing it. (Waiting for a line in
+    # the log raced: the log's "== start" line holds the job's argv, so it holds that line before the job runs,
+    # and a SIGTERM before the handler killed the job, rc -15.)
     code = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); "
-            "print('up', flush=True); time.sleep(30)")
+            "open('ready', 'w').close(); time.sleep(300)")
     started = out(cla2_run(run_dir, "ft", *job(code)))
-    deadline = time.monotonic() + 5
-    while "up" not in (run_dir / "ft.log").read_text():  # its handler is in place
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_file(run_dir / "ready")
     os.kill(started["supervisor_pid"], signal.SIGTERM)
-    final = wait_free(run_dir, "ft", timeout=5)
+    final = wait_free(run_dir, "ft")
     assert final["rc"] == 0 and final["state"] == "failed" and final["signal"] == "SIGTERM"
     assert not (run_dir / ".done-ft").exists()
 
