@@ -121,6 +121,28 @@ def test_cla2_env_reports_the_simulated_host(visible, physical):
     assert rep["dtypes"] == {"fp32": True, "fp16": True, "bf16": False}
 
 
+@pytest.mark.parametrize("host_fp16", [True, False])
+@pytest.mark.parametrize("bf16", ["0", "1"])
+def test_deepspeed_asks_the_simulated_device_for_its_dtypes_never_the_cpu(host_fp16, bf16):
+    """DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu, which the double sets) asks the host CPU for fp16
+    (mkldnn: some Intel CPUs yes, AMD no) and refused ZeRO-3 in fp16 on the others ("Type fp16 is not supported
+    on your device"). Under the double it answers as DeepSpeed's MLU accelerator does for the simulated card,
+    whatever the CPU says; here the CPU is made to say both."""
+    pytest.importorskip("deepspeed", reason="deepspeed is part of the runtime's test install (cla2[deepspeed])")
+    got = python_json(f"""
+        import json, torch
+        torch.ops.mkldnn._is_mkldnn_fp16_supported = lambda: {host_fp16}  # what this host's CPU says
+        import torch_mlu
+        from deepspeed.accelerator import get_accelerator
+        acc = get_accelerator()
+        print(json.dumps({{"name": acc.device_name(), "fp16": acc.is_fp16_supported(), "bf16": acc.is_bf16_supported(),
+                          "dtypes": sorted(str(d) for d in acc.supported_dtypes())}}))
+        """, CLA2_FAKE_MLU_COUNT="2", CLA2_FAKE_MLU_BF16=bf16)
+    assert got["name"] == "cpu"  # where the double's tensors are
+    assert got["fp16"] is True and got["bf16"] is (bf16 == "1")
+    assert got["dtypes"] == sorted(["torch.float32", "torch.float16"] + (["torch.bfloat16"] if bf16 == "1" else []))
+
+
 def test_the_double_reads_the_host_as_the_driver_does():
     """MLU_VISIBLE_DEVICES selects and renumbers; sizes per device; free memory; bad input is refused."""
     got = python_json("""

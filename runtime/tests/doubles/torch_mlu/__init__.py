@@ -20,7 +20,15 @@ accelerator and fail. So code that names "mlu" on its own fails with torch's "Ex
 device string: mlu", which is how the tests see a library going around cla2.device.
 
 DeepSpeed picks its MLU accelerator whenever ``torch_mlu`` imports, and that one puts tensors on "mlu": the
-double sets ``DS_ACCELERATOR=cpu`` unless already set.
+double sets ``DS_ACCELERATOR=cpu`` unless already set. Where that CPU accelerator and DeepSpeed's MLU accelerator
+differ, the double makes the CPU one answer as the MLU one would about the simulated device: its dtypes.
+DeepSpeed's CPU accelerator asks the host CPU whether it has fp16 units (``torch.ops.mkldnn.
+_is_mkldnn_fp16_supported()``: true on some Intel CPUs, false on others and on AMD), and says bf16 always;
+its MLU accelerator says fp16 always (every MLU has it) and bf16 as ``torch.mlu.is_bf16_supported()``. So the
+double's DeepSpeed checks (``_do_sanity_check``: "Type fp16 is not supported on your device") and picks
+follow CLA2_FAKE_MLU_BF16, never the CPU model. It patches ``deepspeed.accelerator.cpu_accelerator.
+CPU_Accelerator`` (is_fp16_supported, is_bf16_supported, supported_dtypes) when DeepSpeed imports it, or at
+once when it already is; nothing imports DeepSpeed for it.
 
 The simulated host comes from the environment, read at import:
 
@@ -40,6 +48,7 @@ MLU_VISIBLE_DEVICES    as the real driver reads it: a comma list of physical ind
 
 from __future__ import annotations
 
+import importlib.abc
 import os
 import sys
 
@@ -72,9 +81,62 @@ def _module_mlu(self, device=None):
     return self.to(mlu.tensor_device(device if isinstance(device, int) else None))
 
 
+_DS_CPU_ACCELERATOR = "deepspeed.accelerator.cpu_accelerator"
+
+
+def _mlu_dtypes(cpu_accelerator_module) -> None:
+    """DeepSpeed's CPU accelerator answers about dtypes as its MLU accelerator (deepspeed/accelerator/
+    mlu_accelerator.py) answers about the simulated MLU: fp16 yes, bf16 as the double's device says. Where the
+    double's tensors really are, on the CPU, torch computes in both dtypes on every x86-64 CPU."""
+    cls = cpu_accelerator_module.CPU_Accelerator
+
+    def is_fp16_supported(self) -> bool:
+        return True
+
+    def is_bf16_supported(self) -> bool:
+        return mlu.is_bf16_supported()
+
+    def supported_dtypes(self) -> list:
+        return [torch.float, torch.half] + ([torch.bfloat16] if mlu.is_bf16_supported() else [])
+
+    cls.is_fp16_supported, cls.is_bf16_supported, cls.supported_dtypes = (
+        is_fp16_supported, is_bf16_supported, supported_dtypes)
+    cls.IS_TEST_DOUBLE_DTYPES = True
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Runs ``_mlu_dtypes`` on DeepSpeed's CPU accelerator module once the module has been executed."""
+
+    def find_spec(self, name, path, target=None):
+        if name != _DS_CPU_ACCELERATOR:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                run = spec.loader.exec_module
+
+                def exec_module(module, run=run):
+                    run(module)
+                    _mlu_dtypes(module)
+
+                spec.loader.exec_module = exec_module
+                return spec
+        return None
+
+
+def _patch_deepspeed_dtypes() -> None:
+    if _DS_CPU_ACCELERATOR in sys.modules:
+        _mlu_dtypes(sys.modules[_DS_CPU_ACCELERATOR])
+    elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport())
+
+
 if getattr(torch, "mlu", None) is not mlu:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.mlu = mlu
     sys.modules["torch.mlu"] = mlu
     torch.nn.Module.mlu = _module_mlu
     _register_cncl()
+    _patch_deepspeed_dtypes()
