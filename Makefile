@@ -4,13 +4,13 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 RT_VENV := .venv-runtime
-# The runtime's tests need torch; name the wheel or spec to take it from (a CPU build here).
-TORCH_SPEC ?= torch==2.13.0
 # The runtime's tests again on the stack of Cambricon's image: its torch (2.1; PyPI has only the CUDA
 # build, some 2.5 GB with its libraries, which runs on the CPU too) and what the runtime role's
-# wheelhouse resolves for it (transformers 4.55, NumPy 1). DeepSpeed is the image's own there: not tested.
+# wheelhouse installs for it (transformers 4.55, NumPy 1). DeepSpeed is the image's own there: not tested.
 COMPAT_VENV := .venv-runtime-torch21
-COMPAT_TORCH ?= 2.1.2
+# Every venv installs from its hashed lock (locks/lock.py: `make lock` remakes them): the packages of the lock
+# with their hashes checked and no resolution of its own, then the kit's own project, then pip's check.
+PIP_LOCKED := pip install -q --require-hashes --no-deps -r
 FIXTURES := $(CURDIR)/.cache/fixtures
 # Molecule scenarios run by `make test`, in order.
 SCENARIOS ?= default preflight_driver_failures image_weights_failures jobs service_replicas multinode
@@ -21,30 +21,38 @@ export CLA2_HOST_PIP := $(CURDIR)/$(VENV)/bin/python -m pip
 
 export ANSIBLE_FORCE_COLOR := 0
 
-.PHONY: demo bench-demo test venv runtime-venv compat-venv sandbox-image fixtures lint test-units test-runtime \
+.PHONY: demo bench-demo test lock venv runtime-venv compat-venv sandbox-image fixtures lint test-units test-runtime \
         test-runtime-compat test-molecule bench-smoke \
         sandbox sandbox-destroy clean
 
 venv: $(VENV)/.done
-$(VENV)/.done: requirements.txt
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -r requirements.txt
+$(VENV)/.done: locks/controller.txt
+	rm -rf $(VENV) && $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/$(PIP_LOCKED) locks/controller.txt
+	$(VENV)/bin/pip check
 	touch $@
 
 runtime-venv: $(RT_VENV)/.done
-$(RT_VENV)/.done: runtime/pyproject.toml runtime/constraints.txt
-	$(PYTHON) -m venv $(RT_VENV)
-	$(RT_VENV)/bin/pip install -q "$(TORCH_SPEC)"
-	$(RT_VENV)/bin/pip install -q -c runtime/constraints.txt -e 'runtime[test,deepspeed]'
+$(RT_VENV)/.done: locks/runtime-torch2.13.txt runtime/pyproject.toml
+	rm -rf $(RT_VENV) && $(PYTHON) -m venv $(RT_VENV)
+	$(RT_VENV)/bin/$(PIP_LOCKED) locks/runtime-torch2.13.txt
+	$(RT_VENV)/bin/pip install -q --no-deps --no-build-isolation -e runtime
+	$(RT_VENV)/bin/pip check
 	touch $@
 
 compat-venv: $(COMPAT_VENV)/.done
-$(COMPAT_VENV)/.done: runtime/pyproject.toml roles/cla2_runtime/files/wheelhouse.py | venv
-	$(PYTHON) -m venv $(COMPAT_VENV)
-	$(COMPAT_VENV)/bin/pip install -q "torch==$(COMPAT_TORCH)" -e 'runtime[test]' \
-	  $$($(VENV)/bin/python roles/cla2_runtime/files/wheelhouse.py --pins-for-torch $(COMPAT_TORCH))
+$(COMPAT_VENV)/.done: locks/runtime-torch2.1.txt runtime/pyproject.toml
+	rm -rf $(COMPAT_VENV) && $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/$(PIP_LOCKED) locks/runtime-torch2.1.txt
+	$(COMPAT_VENV)/bin/pip install -q --no-deps --no-build-isolation -e runtime
+	$(COMPAT_VENV)/bin/pip check
 	touch $@
+
+# Remake every lock whose declared inputs changed (requirements.txt, runtime/pyproject.toml,
+# roles/cla2_runtime/files/locks/stacks.yml), keeping the versions that still fit; UPGRADE=1 takes the newest.
+# Version changes are listed in CHANGELOG.md.
+lock: venv
+	$(VENV)/bin/python locks/lock.py --uv $(VENV)/bin/uv $(if $(UPGRADE),--upgrade)
 
 sandbox-image:
 	sandbox/build-image.sh
@@ -54,6 +62,7 @@ fixtures: venv sandbox-image runtime-venv
 	sandbox/fixtures/build.sh $(FIXTURES)
 
 lint: venv runtime-venv
+	$(VENV)/bin/python locks/lock.py --check
 	yamllint --strict .
 	ansible-lint
 	$(RT_VENV)/bin/ruff check runtime bench tests

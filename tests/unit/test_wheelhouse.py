@@ -1,10 +1,11 @@
 """The cla2_runtime role's wheelhouse builder (roles/cla2_runtime/files/wheelhouse.py), run as the role runs it, for
 an image other than the sandbox's: Cambricon's PyTorch image for the MLU370 ships torch 2.1 and Python
-3.10, so the wheelhouse must hold what still runs there (transformers before 4.56, NumPy 1), never torch
-itself, and an image whose torch cla2 cannot use must be refused before anything is downloaded.
+3.10, so the wheelhouse must hold exactly that stack's lock (transformers before 4.56, NumPy 1), never torch
+itself, each file checked against the lock's hash, and an image whose torch cla2 cannot use or that no lock
+covers must be refused before anything is downloaded.
 
-The molecule `jobs` scenario covers the role with the sandbox's torch 2.13 image; these resolve the real
-dependencies of the real cla2 wheel against PyPI, as the controller does.
+The molecule `jobs` scenario covers the role with the sandbox's torch 2.13 image; these download the real
+lock's files from PyPI for the real cla2 wheel, as the controller does.
 """
 
 from __future__ import annotations
@@ -58,45 +59,75 @@ def test_the_wheel_declares_the_torch_it_needs(wheel):
     assert load_script().torch_requirement(wheel) == ">=2.1"
 
 
-@pytest.mark.parametrize(("torch", "pins"), [
-    ("2.1.2", ["transformers<4.56", "numpy<2"]),
-    ("2.1.0a0+git1234", ["transformers<4.56", "numpy<2"]),  # a vendor's build of 2.1
-    ("2.2.2", ["numpy<2"]),
-    ("2.3.0", []),
-    ("2.13.0", []),
+LOCKS = ROOT / "roles" / "cla2_runtime" / "files" / "locks"
+
+
+@pytest.mark.parametrize(("python", "torch", "lock"), [
+    ("3.10", "2.1.0", "py3.10-torch2.1.txt"),
+    ("3.10.12", "2.1.0a0+git1234", "py3.10-torch2.1.txt"),  # a vendor's build of 2.1
+    ("3.11", "2.13.0", "py3.11-torch2.13.txt"),
 ])
-def test_pins_follow_the_image_torch(torch, pins):
-    assert load_script().torch_pins(torch) == pins
+def test_each_image_gets_the_lock_of_its_stack(python, torch, lock):
+    assert load_script().pick_lock(python, torch) == LOCKS / lock
 
 
-def test_torch_2_1_image_gets_what_runs_on_it(wheel, tmp_path):
+def test_torch_2_1_image_gets_exactly_its_lock_with_deepspeed_built_as_pure_python(wheel, tmp_path):
     dest = tmp_path / "wheelhouse"
     proc = run(wheel, dest, "--python-version", "3.10", "--provided", "torch==2.1.0", "--provided",
-               "torch_mlu==1.17.0", "--constraint", "peft<0.22")
+               "torch_mlu==1.22.0", "--deepspeed", "pypi")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["constraints"] == ["peft<0.22", "transformers<4.56", "numpy<2"]
+    assert report["lock"] == str(LOCKS / "py3.10-torch2.1.txt") and report["deepspeed"] == "deepspeed"
     got = versions(dest)
     assert sorted(report["wheels"]) == sorted(p.name for p in dest.glob("*.whl"))
     assert "torch" not in got and "torch_mlu" not in got, "the image's own torch must never be downloaded"
-    assert not list(dest.glob("*+provided*")), "the stand-in stubs must not stay in the wheelhouse"
     assert not list(dest.glob("cla2-*")), "the wheel travels on its own"
-    major, minor = (int(x) for x in got["transformers"].split(".")[:2])
-    assert (major, minor) < (4, 56) and (major, minor) >= (4, 55), got["transformers"]
+    # exactly what the lock lists, at its versions (what stacks.yml pins for torch 2.1 included)
+    locked = load_script().read_lock(LOCKS / "py3.10-torch2.1.txt")
+    assert {load_script().normalise(n): v for n, v in got.items()} == {n: v for n, (v, _) in locked.items()}
+    assert tuple(int(x) for x in got["transformers"].split(".")[:2]) < (4, 56), got["transformers"]
     assert got["numpy"].startswith("1."), got["numpy"]
-    assert tuple(int(x) for x in got["peft"].split(".")[:2]) < (0, 22)
+    (ds,) = dest.glob("deepspeed-*.whl")
+    assert ds.name.endswith("-py3-none-any.whl"), ds.name  # its ops are compiled just in time on the host
     # Every wheel installs on CPython 3.10 (the image's Python): pure Python, abi3, or built for 3.10.
     for name in report["wheels"]:
         py, abi, _ = name[:-len(".whl")].split("-")[-3:]
         assert "cp310" in py.split(".") or abi in ("none", "abi3"), name
-    # And the wheel's own requirements are met by what is there (no dependency left out).
-    with zipfile.ZipFile(wheel) as zf:
-        meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
-        required = [line.split(":", 1)[1].strip() for line in zf.read(meta).decode().splitlines()
-                    if line.startswith("Requires-Dist:") and "extra ==" not in line]
-    for req in required:
-        name = re.split(r"[<>=!~ ;\[]", req, maxsplit=1)[0].lower().replace("-", "_")
-        assert name in got, f"{req} is not in the wheelhouse"
+    # What the image installs with --require-hashes: every wheel, with the hash of the file that is there.
+    import hashlib
+    lines = (dest / "requirements.txt").read_text().split("\n")
+    hashes = {line.split("==")[0]: line.split("sha256:")[1] for line in lines if line}
+    assert len(hashes) == len(report["wheels"])
+    for whl in dest.glob("*.whl"):
+        assert hashes[whl.name.split("-")[0]] == hashlib.sha256(whl.read_bytes()).hexdigest(), whl.name
+    # And the requirements of the wheel and of DeepSpeed are met by what is there (no dependency left out).
+    for path in (wheel, ds):
+        with zipfile.ZipFile(path) as zf:
+            meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+            required = [line.split(":", 1)[1].strip() for line in zf.read(meta).decode().splitlines()
+                        if line.startswith("Requires-Dist:") and "extra ==" not in line]
+        for req in required:
+            name = re.split(r"[<>=!~ ;\[(]", req, maxsplit=1)[0].lower().replace("-", "_")
+            assert name == "torch" or name in got, f"{req} of {path.name} is not in the wheelhouse"
+
+
+def test_an_image_no_lock_covers_is_refused_before_any_download(wheel, tmp_path):
+    dest = tmp_path / "wheelhouse"
+    proc = run(wheel, dest, "--python-version", "3.10", "--provided", "torch==2.4.1")
+    assert proc.returncode == 2
+    assert "no wheelhouse lock covers this image (Python 3.10, torch 2.4.1)" in proc.stderr
+    assert "py3.10-torch2.1 (Python 3.10, torch 2.1" in proc.stderr and "py3.11-torch2.13" in proc.stderr
+    assert not dest.exists(), "nothing may be downloaded for an image no lock covers"
+
+
+def test_a_file_whose_hash_differs_from_the_lock_stops_the_build_naming_the_package(wheel, tmp_path):
+    lock = tmp_path / "lock.txt"
+    lock.write_text("six==1.17.0 \\\n    --hash=sha256:" + "0" * 64 + "\n    # via python-dateutil\n")
+    proc = run(wheel, tmp_path / "wheelhouse", "--python-version", "3.10", "--provided", "torch==2.1.0",
+               "--lock", str(lock))
+    assert proc.returncode == 1
+    assert "six" in proc.stderr and "0" * 64 in proc.stderr and "do not match the hashes" in proc.stderr.lower()
+    assert not list((tmp_path / "wheelhouse").glob("*.whl")) and not (tmp_path / "wheelhouse" / "requirements.txt").exists()
 
 
 @pytest.mark.parametrize(("provided", "message"), [
@@ -111,27 +142,6 @@ def test_an_image_cla2_cannot_run_on_is_refused_before_any_download(wheel, tmp_p
     if provided:
         assert "needs torch>=2.1" in proc.stderr and "torch2.1.0" in proc.stderr
     assert not dest.exists(), "nothing may be downloaded for an image that cannot run cla2"
-
-
-def test_deepspeed_from_pypi_is_built_once_as_pure_python_for_the_torch_2_1_image(wheel, tmp_path):
-    dest = tmp_path / "wheelhouse"
-    proc = run(wheel, dest, "--python-version", "3.10", "--provided", "torch==2.1.0", "--deepspeed", "pypi")
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["deepspeed"] == "deepspeed"
-    (ds,) = dest.glob("deepspeed-*.whl")
-    assert ds.name.endswith("-py3-none-any.whl"), ds.name  # its ops are compiled just in time on the host
-    got = versions(dest)
-    assert "torch" not in got, "the image's own torch must never be downloaded"
-    assert not list(dest.glob("*+provided*"))
-    # DeepSpeed's own requirements are in the wheelhouse (the install there has no index)
-    with zipfile.ZipFile(ds) as zf:
-        meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
-        required = [line.split(":", 1)[1].strip() for line in zf.read(meta).decode().splitlines()
-                    if line.startswith("Requires-Dist:") and "extra ==" not in line]
-    for req in required:
-        name = re.split(r"[<>=!~ ;\[(]", req, maxsplit=1)[0].lower().replace("-", "_")
-        assert name == "torch" or name in got, f"{req} is not in the wheelhouse"
 
 
 def test_the_vendors_deepspeed_wheel_goes_in_as_it_is(wheel, tmp_path):

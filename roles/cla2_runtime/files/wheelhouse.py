@@ -1,28 +1,30 @@
 #!/usr/bin/env python3
-"""Build an offline wheelhouse of a wheel's dependencies for another Python (the image's).
+"""Build an offline wheelhouse of a wheel's dependencies for another Python (the image's), from a hashed lock.
 
     wheelhouse.py --wheel cla2-0.1.0-py3-none-any.whl --dest DIR --python-version 3.11 \
-        --platform manylinux_2_28_x86_64 --provided torch==2.13.0 [--constraint 'SPEC' ...] \
+        --platform manylinux_2_28_x86_64 --provided torch==2.13.0 [--lock FILE] \
         [--pip 'python3 -m pip'] [--deepspeed pypi | --deepspeed files/cndsp-....whl]
-    wheelhouse.py --pins-for-torch 2.1.2      the pins it adds for that torch, one a line
 
-Packages the image already ships (``--provided``, e.g. torch and torch_mlu in Cambricon's image) are
-never downloaded: a stub wheel ``NAME-VERSION+provided`` with no files stands in for each one during
-resolution, so pip resolves every other dependency against the image's version and the real (multi-GB)
-package never enters the wheelhouse. The stubs are removed before the script exits. Prints a JSON line
-with the wheelhouse's file names and the constraints applied.
+The wheelhouse holds exactly what a lock lists, each file checked against the lock's sha256 (pip's
+``--require-hashes``): so every host of a rack, on any day, gets the stack that CI tested. The lock is the one of
+``locks/stacks.yml`` beside this script whose Python and torch (major.minor) are the image's (``make lock``
+makes them, locks/lock.py), or ``--lock FILE``. An image that no lock covers is refused before anything is
+downloaded, naming the stacks that are covered. A file whose hash differs from the lock stops the build,
+naming the package.
 
-The image's torch must satisfy the wheel's own ``torch`` extra (cla2: ``torch>=2.1``); an older one is
-refused before anything is downloaded. pip alone cannot pick the right versions for an older torch:
-transformers and numpy do not declare the torch they need, so the newest ones would be taken and fail
-at import in the image. ``TORCH_LIMITS`` adds the pins that are known to be needed.
+Packages the image already ships (``--provided``, e.g. torch and torch_mlu in Cambricon's image) are not in
+the locks (they were resolved as empty stand-ins) and are never downloaded. The image's torch must also satisfy
+the wheel's own ``torch`` extra (cla2: ``torch>=2.1``); an older one is refused first.
 
-``--deepspeed`` adds DeepSpeed: ``pypi`` takes the wheel's ``deepspeed`` extra. PyPI publishes DeepSpeed as
-a source distribution only, so it is built once on the controller into a pure-Python wheel (ops compiled
-just in time on the host, ``DS_BUILD_OPS=0``), under the same pins, then resolved for the image like any
-other wheel. A path takes the vendor's wheel as it is (Cambricon's cndsp build): it goes into the
-wheelhouse with its own dependencies, and cla2's ``deepspeed`` extra (which names PyPI's versions) is not
-used. The JSON line names the requirement to install (``deepspeed``).
+``--deepspeed pypi`` adds the lock's DeepSpeed. PyPI publishes it as a source distribution only: its locked
+sdist is built once on the controller into a pure-Python wheel (ops compiled just in time on the host,
+``DS_BUILD_OPS=0``). A path takes the vendor's wheel as it is (Cambricon's cndsp build); its dependencies come
+from what the lock holds (PyPI DeepSpeed's), and the install in the image, which has no index, names any that
+is missing. Without ``--deepspeed``, DeepSpeed itself stays out.
+
+Writes DEST/requirements.txt: every wheel the lock brought, NAME==VERSION with the sha256 of the file in the
+wheelhouse, which the role installs with ``pip install --require-hashes --no-deps``. Prints a JSON line with the
+wheelhouse's file names, the lock and the DeepSpeed requirement to install.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,14 +50,7 @@ except ImportError:  # a controller Python without packaging: pip always vendors
     from pip._vendor.packaging.specifiers import SpecifierSet
     from pip._vendor.packaging.version import Version
 
-# (torch older than, pin): what upstream dropped, so pip (which cannot know it) must be told.
-TORCH_LIMITS = [
-    # transformers 4.56 needs torch >= 2.2 and disables its torch support below that
-    # (huggingface/transformers#40317, "byebye torch 2.1").
-    ("2.2", "transformers<4.56"),
-    # torch 2.1 and 2.2 are built against NumPy 1.x: NumPy 2 breaks their numpy interop.
-    ("2.3", "numpy<2"),
-]
+LOCKS = Path(__file__).resolve().parent / "locks"
 
 
 def release(version: str) -> Version:
@@ -70,12 +67,6 @@ def torch_requirement(wheel: Path) -> str | None:
                 spec = line.split(":", 1)[1].split(";")[0].strip()
                 return spec[len("torch"):].strip().strip("()") or None
     return None
-
-
-def torch_pins(torch_version: str) -> list[str]:
-    """The pins ``TORCH_LIMITS`` asks for, for the image's torch."""
-    v = release(torch_version)
-    return [pin for below, pin in TORCH_LIMITS if v < Version(below)]
 
 
 def stub_wheel(folder: Path, name: str, version: str) -> Path:
@@ -100,45 +91,98 @@ def stub_wheel(folder: Path, name: str, version: str) -> Path:
     return out
 
 
-def build_deepspeed(args: argparse.Namespace, folder: Path, constraints: Path) -> str | None:
-    """Build (or take) a pure-Python DeepSpeed wheel under the pins into folder; its version, or None."""
-    cmd = [*shlex.split(args.pip), "wheel", "--quiet", "--no-deps", "--wheel-dir", str(folder),
-           "--constraint", str(constraints), "deepspeed"]
+def stacks(folder: Path = LOCKS) -> list[dict]:
+    import yaml  # the controller's Python runs Ansible, which needs it
+
+    return yaml.safe_load((folder / "stacks.yml").read_text())
+
+
+def pick_lock(python: str, torch: str, folder: Path = LOCKS) -> Path | str:
+    """The lock of the stack whose Python and torch (major.minor) are the image's; else why there is none."""
+    def minor(v: str) -> tuple[int, ...]:
+        return release(v).release[:2]
+
+    known = stacks(folder)
+    for stack in known:
+        if minor(stack["python"]) == minor(python) and minor(stack["torch"]) == minor(torch):
+            return folder / f"{stack['name']}.txt"
+    listed = "; ".join(f"{s['name']} (Python {s['python']}, torch {'.'.join(map(str, minor(s['torch'])))}: "
+                       f"{s['images']})" for s in known)
+    return (f"no wheelhouse lock covers this image (Python {python}, torch {torch}): the kit has locks for {listed}. "
+            "Load an image of one of those stacks, or add the image's stack to "
+            "roles/cla2_runtime/files/locks/stacks.yml, run `make lock`, and test it (the lock is what CI tested); "
+            "cla2_runtime_lock names a lock of your own.")
+
+
+def read_lock(path: Path) -> dict[str, tuple[str, str]]:
+    """NAME (normalised) -> (VERSION, the requirement's text with its hashes) of a hashed lock."""
+    out: dict[str, tuple[str, str]] = {}
+    block: list[str] = []
+    for line in [*path.read_text().splitlines(), ""]:
+        if block and (not line.startswith(" ") or not line.strip().startswith("--hash")):
+            m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)", block[0])
+            if m:
+                out[normalise(m.group(1))] = (m.group(2), "\n".join(block))
+            block = []
+        if line and not line.startswith((" ", "#")):
+            block = [line]
+        elif block and line.strip().startswith("--hash"):
+            block.append(line)
+    return out
+
+
+def normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_pip(args: argparse.Namespace, what: str, *pip_args: str, env: dict | None = None) -> bool:
+    cmd = [*shlex.split(args.pip), *pip_args]
     if args.index_url:
         cmd += ["--index-url", args.index_url]
-    env = {**os.environ, "DS_BUILD_OPS": "0"}
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
-    found = sorted(folder.glob("deepspeed-*.whl"))
-    if proc.returncode or not found:
+    if proc.returncode:
         sys.stderr.write(proc.stdout + proc.stderr)
-        sys.stderr.write("could not build a DeepSpeed wheel on the controller (see pip's message above); "
-                         "provide the vendor's wheel instead (cla2_runtime_deepspeed_wheel)\n")
+        sys.stderr.write(f"{what} failed (see pip's message above)\n")
+    return proc.returncode == 0
+
+
+def build_deepspeed(args: argparse.Namespace, block: str, folder: Path) -> Path | None:
+    """Build the lock's DeepSpeed sdist (hash checked) into a pure-Python wheel in folder."""
+    req = folder / "deepspeed.txt"
+    req.write_text(block + "\n")
+    env = {**os.environ, "DS_BUILD_OPS": "0"}
+    if not run_pip(args, "building the locked DeepSpeed on the controller (or provide the vendor's wheel: "
+                   "cla2_runtime_deepspeed_wheel)", "wheel", "--quiet", "--no-deps", "--require-hashes",
+                   "--wheel-dir", str(folder), "-r", str(req), env=env):
         return None
-    name = found[-1].name
-    if not name.endswith("-py3-none-any.whl"):
-        sys.stderr.write(f"{name}: DeepSpeed was built for this controller, not as pure Python; "
+    found = sorted(folder.glob("deepspeed-*.whl"))
+    if not found or not found[-1].name.endswith("-py3-none-any.whl"):
+        sys.stderr.write(f"{found[-1].name if found else 'no wheel'}: DeepSpeed was not built as pure Python; "
                          "provide a wheel for the image instead (cla2_runtime_deepspeed_wheel)\n")
         return None
-    return name.split("-")[1]
+    return found[-1]
 
 
 def main() -> int:
-    if sys.argv[1:2] == ["--pins-for-torch"] and len(sys.argv) == 3:
-        # What the Makefile's torch 2.1 test environment takes, so that it resolves as the role does.
-        print("\n".join(torch_pins(sys.argv[2])))
-        return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--wheel", required=True, help="the wheel whose dependencies to collect")
     ap.add_argument("--dest", required=True, type=Path)
     ap.add_argument("--python-version", required=True, help="the image's Python, e.g. 3.11")
     ap.add_argument("--platform", action="append", default=[], help="pip platform tags (repeatable)")
     ap.add_argument("--provided", action="append", default=[], help="NAME==VERSION the image already has")
-    ap.add_argument("--constraint", action="append", default=[],
-                    help="an extra pin for the resolution, e.g. 'transformers==4.55.4' (repeatable)")
+    ap.add_argument("--lock", type=Path, help="the hashed lock to take (default: the stack's, from locks/)")
     ap.add_argument("--pip", default=f"{sys.executable} -m pip")
     ap.add_argument("--index-url", default="")
     ap.add_argument("--deepspeed", default="",
-                    help="'pypi' (cla2's deepspeed extra) or the path of the vendor's DeepSpeed wheel")
+                    help="'pypi' (the lock's DeepSpeed) or the path of the vendor's DeepSpeed wheel")
     args = ap.parse_args()
     vendor_ds = Path(args.deepspeed) if args.deepspeed not in ("", "pypi") else None
     if vendor_ds is not None and (vendor_ds.suffix != ".whl" or not vendor_ds.is_file()):
@@ -150,7 +194,6 @@ def main() -> int:
         if not version:
             ap.error(f"--provided {spec!r}: write NAME==VERSION")
         provided.append((name, version))
-    pins = list(args.constraint)
     torch_version = next((v for n, v in provided if n.lower() == "torch"), None)
     wanted = torch_requirement(Path(args.wheel))
     if wanted and torch_version is None:
@@ -164,58 +207,59 @@ def main() -> int:
             "load a PyTorch image whose torch satisfies that (Cambricon publishes torch 2.1 variants "
             "of its image, e.g. v1.17.0-torch2.1.0-ubuntu20.04-py310)\n")
         return 2
-    if torch_version:
-        pins += torch_pins(torch_version)
+    lock = args.lock or pick_lock(args.python_version, torch_version or "0")
+    if isinstance(lock, str):
+        sys.stderr.write(lock + "\n")
+        return 2
+    if not lock.is_file():
+        sys.stderr.write(f"--lock {lock}: no such file\n")
+        return 2
+    entries = read_lock(lock)
+    shipped = {normalise(n) for n, _ in provided}
+    ds_block = entries.pop("deepspeed", (None, None))[1]
+    if args.deepspeed == "pypi" and ds_block is None:
+        sys.stderr.write(f"{lock}: no deepspeed in the lock; remake it with cla2's deepspeed extra (make lock)\n")
+        return 2
+    overlap = sorted(shipped & set(entries))
+    if overlap:
+        sys.stderr.write(f"{lock} lists {overlap}, which the image ships: a lock never replaces the image's own "
+                         "packages; remake it (make lock)\n")
+        return 2
 
     args.dest.mkdir(parents=True, exist_ok=True)
     pyver = args.python_version.replace(".", "")
     platforms = args.platform or ["manylinux_2_28_x86_64"]
     with tempfile.TemporaryDirectory() as tmp:
-        stubs = Path(tmp)
-        constraints = stubs / "constraints.txt"
-        lines = list(pins)
-        for name, version in provided:
-            stub_wheel(stubs, name, version)
-            lines.append(f"{name}=={version}+provided")
-        constraints.write_text("\n".join(lines) + "\n")
-        requirements = [args.wheel]
+        work = Path(tmp)
+        reqs = work / "lock.txt"
+        reqs.write_text("\n".join(block for _, block in entries.values()) + "\n")
+        cmd = ["download", "--quiet", "--no-deps", "--require-hashes", "--dest", str(args.dest),
+               "--only-binary=:all:", "--python-version", args.python_version, "--implementation", "cp",
+               "--abi", f"cp{pyver}", *[a for plat in [*platforms, "any"] for a in ("--platform", plat)],
+               "-r", str(reqs)]
+        if not run_pip(args, f"downloading {lock.name} for Python {args.python_version}", *cmd):
+            return 1
         ds_name = ""
         if vendor_ds is not None:
-            # NAME-VERSION(-BUILD)-PY-ABI-PLATFORM.whl: its platform tag may be a plain linux_x86_64
             ds_name = vendor_ds.name.split("-")[0]
-            tag = vendor_ds.name[:-len(".whl")].split("-")[-1]
-            platforms = [*platforms, *(t for t in tag.split(".") if t != "any" and t not in platforms)]
-            requirements.append(str(vendor_ds.resolve()))
+            shutil.copy2(vendor_ds, args.dest / vendor_ds.name)
         elif args.deepspeed == "pypi":
-            ds_name = "deepspeed"
-            built = build_deepspeed(args, stubs, constraints)
+            built = build_deepspeed(args, ds_block, work)
             if built is None:
                 return 1
-            lines.append(f"deepspeed=={built}")
-            constraints.write_text("\n".join(lines) + "\n")
-            requirements = [f"{args.wheel}[deepspeed]"]
-        cmd = [*shlex.split(args.pip), "download", "--quiet", "--dest", str(args.dest),
-               "--only-binary=:all:", "--python-version", args.python_version, "--implementation", "cp",
-               "--abi", f"cp{pyver}", "--find-links", str(stubs), "--constraint", str(constraints)]
-        for plat in [*platforms, "any"]:
-            cmd += ["--platform", plat]
-        if args.index_url:
-            cmd += ["--index-url", args.index_url]
-        cmd += requirements
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
-        if proc.returncode:
-            sys.stderr.write(proc.stdout + proc.stderr)
-            sys.stderr.write(f"pip download failed for {args.wheel} (Python {args.python_version}); "
-                             "see pip's message above\n")
-            return proc.returncode
-    for name, _ in provided:
-        for stub in args.dest.glob(f"{name.replace('-', '_')}-*+provided-*.whl"):
-            stub.unlink()
-    own = args.dest / Path(args.wheel).name
-    if own.exists():
-        own.unlink()  # the wheelhouse holds the dependencies only; the wheel travels on its own
+            ds_name = "deepspeed"
+            shutil.copy2(built, args.dest / built.name)
+    # What the image installs with --require-hashes: every wheel the lock brought, with its file's hash (the
+    # downloads were checked against the lock; DeepSpeed's wheel was built from the checked sdist).
+    lines = []
+    for whl in sorted(args.dest.glob("*.whl")):
+        name, version = whl.name.split("-")[:2]
+        if (normalise(name) in entries and entries[normalise(name)][0] == version) or (
+                ds_name == "deepspeed" and normalise(name) == "deepspeed" and vendor_ds is None):
+            lines.append(f"{name}=={version} --hash=sha256:{sha256(whl)}")
+    (args.dest / "requirements.txt").write_text("\n".join(lines) + "\n")
     names = sorted(p.name for p in args.dest.glob("*.whl"))
-    print(json.dumps({"dest": str(args.dest), "wheels": names, "constraints": pins, "deepspeed": ds_name}))
+    print(json.dumps({"dest": str(args.dest), "wheels": names, "lock": str(lock), "deepspeed": ds_name}))
     return 0
 
 
