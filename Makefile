@@ -65,7 +65,7 @@ lint: venv runtime-venv
 	$(VENV)/bin/python locks/lock.py --check
 	yamllint --strict .
 	ansible-lint
-	$(RT_VENV)/bin/ruff check runtime bench tests
+	$(RT_VENV)/bin/ruff check runtime bench tests locks
 
 # The roles' own modules, run as Ansible runs them (tests/unit).
 test-units: venv
