@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -41,29 +42,55 @@ FLAGS = {
 
 # --- a job followed to its end -------------------------------------------------------------------
 
-def fake_job(run: Path, name: str, seconds: float, rc: int = 0, steps: int = 50) -> subprocess.Popen:
-    """What `cla2 run` leaves: a supervisor holding the lock while a job writes its status, then the record."""
-    script = textwrap.dedent(f"""
-        import json, os, sys, time
-        run, name = sys.argv[1], sys.argv[2]
+def fake_job(run: Path, name: str, rounds: int, rc: int = 0, steps: int = 50) -> subprocess.Popen:
+    """What `cla2 run` leaves: a supervisor holding the lock while a job writes its status, then the record.
+
+    The job lasts ``rounds`` rounds of the follower, not a time: each round probes the lock with
+    `flock -n RUN/.lock-NAME` (plugins/action/cla2_follow.py), which opens that file, and the job counts those
+    opens (inotify IN_OPEN on the run folder; nothing else opens the lock once the stand-in supervisor holds
+    it) and ends after the ``rounds``-th, its step moving from 1 to ``steps`` on the way. Returns once the job
+    watches and has written its record, so that the follower's first round is counted."""
+    script = textwrap.dedent("""
+        import ctypes, json, os, struct, sys, time
+        run, name, rounds, rc, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+        lock = (".lock-" + name).encode()
         def write(path, obj):
             tmp = path + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(obj, f)
             os.replace(tmp, path)
-        job = {{"name": name, "argv": ["cla2", "finetune"], "pid": os.getpid(), "state": "running", "started": time.time()}}
-        write(f"{{run}}/{{name}}.job.json", job)
-        t0 = time.time()
-        while time.time() - t0 < {seconds}:
-            step = min({steps}, int((time.time() - t0) / {seconds} * {steps}) + 1)
-            write(f"{{run}}/{{name}}.status.json", {{"job": "finetune", "phase": "training", "step": step,
-                  "total": {steps}, "unit": "step", "loss": 2.0 / step, "tokens_per_s": 1234.5, "eta_s": 5}})
-            with open(f"{{run}}/{{name}}.log", "a") as f:
-                f.write(f"step {{step}}\\n")
-            time.sleep(0.05)
-        write(f"{{run}}/{{name}}.job.json", {{**job, "state": "succeeded" if {rc} == 0 else "failed", "rc": {rc}}})
+        libc = ctypes.CDLL(None, use_errno=True)
+        watch = libc.inotify_init1(os.O_CLOEXEC)
+        if watch < 0 or libc.inotify_add_watch(watch, run.encode(), 0x20) < 0:  # IN_OPEN
+            raise OSError(ctypes.get_errno(), "inotify on " + run)
+        job = {"name": name, "argv": ["cla2", "finetune"], "pid": os.getpid(), "state": "running", "started": time.time()}
+        seen = 0
+        def progress():
+            step = min(steps, seen * steps // max(rounds, 1) + 1)
+            write(f"{run}/{name}.status.json", {"job": "finetune", "phase": "training", "step": step,
+                  "total": steps, "unit": "step", "loss": 2.0 / step, "tokens_per_s": 1234.5, "eta_s": 5})
+            with open(f"{run}/{name}.log", "a") as f:
+                f.write(f"step {step}\\n")
+        progress()
+        write(f"{run}/{name}.job.json", job)
+        while seen < rounds:
+            events, at = os.read(watch, 65536), 0
+            while at < len(events):
+                size = struct.unpack_from("iIII", events, at)[3]
+                seen += events[at + 16:at + 16 + size].rstrip(b"\\0") == lock
+                at += 16 + size
+            progress()
+        write(f"{run}/{name}.job.json", {**job, "state": "succeeded" if rc == 0 else "failed", "rc": rc,
+                                          "rounds_seen": seen})
     """)
-    return subprocess.Popen(["flock", str(run / f".lock-{name}"), sys.executable, "-c", script, str(run), name])
+    proc = subprocess.Popen(["flock", str(run / f".lock-{name}"), sys.executable, "-c", script, str(run), name,
+                             str(rounds), str(rc), str(steps)])
+    deadline = time.monotonic() + 60
+    while not (run / f"{name}.job.json").exists():
+        assert proc.poll() is None, f"the stand-in job exited with {proc.returncode} before it started"
+        assert time.monotonic() < deadline, "the stand-in job did not start within 60 s"
+        time.sleep(0.02)
+    return proc
 
 
 def follow(tmp_path: Path, run: Path, name: str, **options) -> subprocess.CompletedProcess:
@@ -82,12 +109,13 @@ def follow(tmp_path: Path, run: Path, name: str, **options) -> subprocess.Comple
 def test_a_job_is_followed_for_thousands_of_rounds_to_its_end(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    job = fake_job(run, "sft", seconds=12)
+    job = fake_job(run, "sft", rounds=2000)  # it ends after the follower's 2000th round, however long that takes
     res = follow(tmp_path, run, "sft")
     job.wait()
     assert res.returncode == 0, res.stdout[-3000:]
     rounds = int(re.search(r"rounds=(\d+)", res.stdout).group(1))
-    assert rounds >= 500, rounds
+    seen = json.loads((run / "sft.job.json").read_text())["rounds_seen"]
+    assert seen >= 2000 and rounds >= seen, (rounds, seen)
     # progress from the status file, on the operator's screen
     assert re.search(r"sft: training step \d+/50 \(\d+\.\d%\) · loss \d\.\d{4} · 1,234 tok/s · ETA 5s", res.stdout)
     assert f"succeeded (rc 0) after {rounds} poll rounds" in res.stdout
@@ -97,7 +125,7 @@ def test_a_job_is_followed_for_thousands_of_rounds_to_its_end(tmp_path):
 def test_a_failed_job_fails_the_play_with_its_log(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    job = fake_job(run, "eval", seconds=1, rc=3)
+    job = fake_job(run, "eval", rounds=3, rc=3)
     res = follow(tmp_path, run, "eval", tail=2)
     job.wait()
     assert res.returncode != 0
@@ -119,7 +147,7 @@ def test_a_job_whose_supervisor_died_is_reported_as_stopped(tmp_path):
 def test_following_past_the_time_limit_leaves_the_job_running(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    job = fake_job(run, "sft", seconds=6)
+    job = fake_job(run, "sft", rounds=10**9)  # it cannot end while followed: only the time limit ends the follow
     try:
         res = follow(tmp_path, run, "sft", timeout=1, poll=0.1)
         assert res.returncode != 0
