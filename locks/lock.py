@@ -179,7 +179,8 @@ def compile_lock(lock: Lock, by_name: dict[str, Lock], uv: str, upgrade: bool, e
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     if proc.returncode:
         sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"lock {lock.name}: uv could not resolve {lock.requirements} for Python {lock.python}; "
+        raise SystemExit(f"lock {lock.name}: uv could not resolve {[*lock.sources, *lock.requirements]} for "
+                         f"Python {lock.python} (see uv's message above); "
                          f"{lock.path} is unchanged")
     body = draft.read_text()
     body = "\n".join(line for line in body.splitlines()

@@ -87,3 +87,26 @@ def test_each_lock_satisfies_what_it_declares_and_is_hashed(lock):
     blocks = [b for b in text.split("\n") if b and not b.startswith((" ", "#"))]
     assert len(blocks) == len(got)
     assert text.count("==") >= len(got) and text.count("--hash=sha256:") >= len(got)
+
+
+def test_make_lock_remakes_a_stale_lock_keeping_the_rest_and_lists_the_change_in_the_changelog(tmp_path):
+    """locks/lock.py as `make lock` runs it, with uv, on a copy of the kit whose requirements.txt changed."""
+    for part in ("locks", "roles/cla2_runtime/files", "runtime/pyproject.toml", "requirements.txt", "CHANGELOG.md"):
+        src, dst = ROOT / part, tmp_path / part
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copyfile)(src, dst)
+    req = tmp_path / "requirements.txt"
+    req.write_text(req.read_text() + "six==1.17.0\n")
+    before = load().versions(ROOT / "locks" / "controller.txt")
+    uv = Path(sys.executable).with_name("uv")
+    proc = subprocess.run([sys.executable, str(tmp_path / "locks" / "lock.py"), "--uv", str(uv)],
+                          capture_output=True, text=True, check=False, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "locks/controller.txt: six (new) → 1.17.0" in proc.stdout
+    assert "roles/cla2_runtime/files/locks/py3.10-torch2.1.txt: current" in proc.stdout
+    after = load().versions(tmp_path / "locks" / "controller.txt")
+    assert after == {**before, "six": "1.17.0"}, "a remake keeps every version that still fits"
+    changelog = (tmp_path / "CHANGELOG.md").read_text()
+    assert "- Locks: `locks/controller.txt`: six (new) → 1.17.0." in changelog.split("\n## 0.")[0]
+    assert subprocess.run([sys.executable, str(tmp_path / "locks" / "lock.py"), "--check"],
+                          capture_output=True, check=False).returncode == 0
