@@ -85,8 +85,10 @@ def locks() -> list[Lock]:
     out.append(Lock("runtime-torch2.1", "locks/runtime-torch2.1.txt",
                     ("torch==2.1.2", "setuptools", "wheel"), python="3.11", held_to=("py3.10-torch2.1",),
                     sources=("runtime/pyproject.toml",), extras=("test",)))
+    # the stand-in image's torch: what it shares with its stack's wheelhouse at the same versions, as a vendor's
+    # image would not have the wheelhouse replace them
     out.append(Lock("pytorch-image", "locks/pytorch-image.txt", ("torch==2.13.0+cpu",), python="3.11",
-                    torch_cpu=True))
+                    held_to=("py3.11-torch2.13",), torch_cpu=True))
     return out
 
 
