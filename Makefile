@@ -11,6 +11,9 @@ COMPAT_VENV := .venv-runtime-torch21
 # Every venv installs from its hashed lock (locks/lock.py: `make lock` remakes them): the packages of the lock
 # with their hashes checked and no resolution of its own, then the kit's own project, then pip's check.
 PIP_LOCKED := pip install -q --require-hashes --no-deps -r
+# Where the torch 2.13 lock's CPU build of torch comes from: the wheel on disk (the kit's machines), else
+# PyTorch's CPU index (its hash is the lock's either way).
+TORCH_CPU := $(if $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 FIXTURES := $(CURDIR)/.cache/fixtures
 # Molecule scenarios run by `make test`, in order.
 SCENARIOS ?= default preflight_driver_failures image_weights_failures jobs service_replicas multinode
@@ -35,7 +38,7 @@ $(VENV)/.done: locks/controller.txt
 runtime-venv: $(RT_VENV)/.done
 $(RT_VENV)/.done: locks/runtime-torch2.13.txt runtime/pyproject.toml
 	rm -rf $(RT_VENV) && $(PYTHON) -m venv $(RT_VENV)
-	$(RT_VENV)/bin/$(PIP_LOCKED) locks/runtime-torch2.13.txt
+	$(RT_VENV)/bin/$(PIP_LOCKED) locks/runtime-torch2.13.txt $(TORCH_CPU)
 	$(RT_VENV)/bin/pip install -q --no-deps --no-build-isolation -e runtime
 	$(RT_VENV)/bin/pip check
 	touch $@
