@@ -120,6 +120,64 @@ class Shape:
         return table[name]
 
 
+# The numbers of config.json the plan reads: (required, largest allowed). The bounds are far above every
+# published model (LLaMA-3.1-405B: 126 layers, hidden 16384, MLP 53248, 128 heads; vocabularies up to ~256k;
+# windows up to 10M tokens) and far below what would make the plan (a list per layer) or a job exhaust memory.
+CONFIG_NUMBERS = {
+    "num_hidden_layers": (True, 4096),
+    "hidden_size": (True, 1 << 17),
+    "intermediate_size": (True, 1 << 20),
+    "num_attention_heads": (True, 4096),
+    "vocab_size": (True, 1 << 22),
+    "num_key_value_heads": (False, 4096),
+    "head_dim": (False, 1 << 14),
+    "max_position_embeddings": (False, 1 << 24),
+}
+
+
+def _shown(value) -> str:
+    """A config value as config.json writes it, and what kind it is when it is not a whole number."""
+    text = json.dumps(value)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    kind = ("a boolean" if isinstance(value, bool) else "a floating-point number" if isinstance(value, float)
+            else "a string" if isinstance(value, str) else "no value" if value is None
+            else "a list" if isinstance(value, list) else "an object" if isinstance(value, dict) else None)
+    return f"{text} ({kind})" if kind else text
+
+
+def check_config(cfg: dict, config_file: Path) -> dict:
+    """The numbers the plan reads from a config.json, checked before anything is built from them: whole
+    numbers (not floats, booleans or strings), positive, within CONFIG_NUMBERS' bounds, the heads dividing
+    as LLaMA's attention needs. Optional fields that are absent (or null) are left out of the result."""
+    def refuse(key: str, allowed: str) -> PlanError:
+        said = f"{config_file} has no {key}" if key not in cfg else f"{config_file}: {key} is {_shown(cfg[key])}"
+        return PlanError(f"{said}; allowed: {allowed}. The plan reads a LLaMA-architecture config: "
+                         "re-download the model or fix its config.json")
+
+    out: dict = {}
+    for key, (required, high) in CONFIG_NUMBERS.items():
+        value = cfg.get(key)
+        if value is None and not required:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+            raise refuse(key, f"a whole number from 1 to {high}")
+        out[key] = value
+    heads = out["num_attention_heads"]
+    if "head_dim" not in out and out["hidden_size"] % heads:
+        raise refuse("num_attention_heads", f"a whole number that divides hidden_size ({out['hidden_size']}), "
+                     "or a head_dim in the config")
+    kv = out.get("num_key_value_heads")
+    if kv is not None and (kv > heads or heads % kv):
+        raise refuse("num_key_value_heads", f"a whole number from 1 to {heads} that divides num_attention_heads "
+                     f"({heads})")
+    tied = cfg.get("tie_word_embeddings")
+    if tied is not None:
+        if not isinstance(tied, bool):
+            raise refuse("tie_word_embeddings", "true or false")
+        out["tie_word_embeddings"] = tied
+    return out
+
+
 def read_shape(model: Path) -> Shape:
     """The model's shape from MODEL/config.json; the parameter count from the weight index's total_size
     where there is one (it counts what is really stored), else from the shape."""
@@ -131,19 +189,17 @@ def read_shape(model: Path) -> Shape:
         cfg = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise PlanError(f"{config_file} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(cfg, dict):
+        raise PlanError(f"{config_file} is not a JSON object: re-download the model or fix its config.json")
     if isinstance(cfg.get("text_config"), dict):
         cfg = {**cfg, **cfg["text_config"]}
-    need = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-    missing = [k for k in need if not isinstance(cfg.get(k), int) or cfg[k] <= 0]
-    if missing:
-        raise PlanError(f"{config_file} lacks {', '.join(missing)} (positive integers): the plan reads a "
-                        "LLaMA-architecture config")
-    heads = cfg["num_attention_heads"]
+    num = check_config(cfg, config_file)
+    heads = num["num_attention_heads"]
     shape = Shape(
-        name=model.resolve().name, layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"],
-        intermediate=cfg["intermediate_size"], heads=heads, kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads), vocab=cfg["vocab_size"],
-        context=int(cfg.get("max_position_embeddings") or 4096), tied=bool(cfg.get("tie_word_embeddings", False)),
+        name=model.resolve().name, layers=num["num_hidden_layers"], hidden=num["hidden_size"],
+        intermediate=num["intermediate_size"], heads=heads, kv_heads=num.get("num_key_value_heads", heads),
+        head_dim=num.get("head_dim", num["hidden_size"] // heads), vocab=num["vocab_size"],
+        context=num.get("max_position_embeddings", 4096), tied=num.get("tie_word_embeddings", False),
         params=0,
     )
     params = shape.embed_params + shape.layers * shape.layer_params + shape.hidden + shape.head_params
@@ -152,7 +208,7 @@ def read_shape(model: Path) -> Shape:
         if (model / index).is_file() and stored:
             try:
                 total = int(json.loads((model / index).read_text())["metadata"]["total_size"])
-            except (KeyError, ValueError, TypeError):
+            except (KeyError, ValueError, TypeError, OverflowError):
                 break
             if total > 0:
                 params = total // stored
