@@ -87,3 +87,118 @@ def test_cla2_plan_refuses_a_billion_layers_without_building_them(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "cla2 plan: error:" in r.stderr and "num_hidden_layers is 1000000000" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------------ row 7: safetensors
+def _safetensors(path: Path, header: dict, data: bytes) -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return path
+
+
+F32_2x2 = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+GiB = 1024**3
+
+
+@pytest.mark.parametrize(("tensors", "data", "says"), [
+    ({"w": {"shape": [2, 2], "data_offsets": [0, 16]}}, 16, "tensor w has no dtype"),
+    ({"w": {**F32_2x2, "dtype": "Q4"}}, 16, 'tensor w has dtype "Q4"'),
+    ({"w": {**F32_2x2, "dtype": 32}}, 16, "tensor w has dtype 32"),
+    ({"w": {**F32_2x2, "shape": [2, -2]}}, 16, "tensor w has shape [2, -2]: a list of whole numbers of 0 or more"),
+    ({"w": {**F32_2x2, "shape": [2.0, 2]}}, 16, "tensor w has shape [2.0, 2]"),
+    ({"w": {**F32_2x2, "shape": "2x2"}}, 16, 'tensor w has shape "2x2"'),
+    ({"w": {"dtype": "F32", "shape": [2, 2]}}, 16, "tensor w has no data_offsets"),
+    ({"w": {**F32_2x2, "data_offsets": [0]}}, 16, "tensor w has data_offsets [0]: [begin, end]"),
+    ({"w": {**F32_2x2, "data_offsets": [16, 0]}}, 16, "tensor w has data_offsets [16, 0]: [begin, end]"),
+    ({"w": {**F32_2x2, "data_offsets": [0, 12]}}, 16, "tensor w is F32 [2, 2], 16 bytes, but its data_offsets "
+                                                       "[0, 12] hold 12"),
+    ({"w": {"dtype": "F16", "shape": [32768, 32768], "data_offsets": [0, 2 * GiB]}}, 43_000,
+     "tensor w ends at byte 2147483737 of the file (data_offsets [0, 2147483648]), but the file has 43089 bytes"),
+    ({"w": F32_2x2, "v": {**F32_2x2, "data_offsets": [8, 24]}}, 24,
+     "tensors w (bytes 0 to 16) and v (bytes 8 to 24) overlap"),
+    ({"w": [1, 2]}, 16, "tensor w is [1, 2], not an object"),
+])
+def test_safetensors_headers_are_checked_before_any_tensor_is_read(tmp_path, tensors, data, says):
+    from cla2 import merge
+
+    path = _safetensors(tmp_path / "adapter_model.safetensors", tensors, b"\0" * data)
+    with pytest.raises(merge.MergeError) as err:
+        merge.safetensors_index(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: ") and says in msg, msg
+    assert "re-download or re-save it" in msg
+
+
+@pytest.mark.parametrize(("raw", "says"), [
+    ((10**6).to_bytes(8, "little") + b"{}", "header of 1000000 bytes, the file has 10"),
+    ((4).to_bytes(8, "little") + b"{no}", "the header is not JSON"),
+    ((2).to_bytes(8, "little") + b"[]", "the header is not a JSON object"),
+    ((2).to_bytes(8, "little") + b"\xff\xfe", "the header is not JSON"),
+])
+def test_a_safetensors_header_that_is_not_one_is_refused(tmp_path, raw, says):
+    from cla2 import merge
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(raw)
+    with pytest.raises(merge.MergeError, match=r"re-download or re-save it") as err:
+        merge.safetensors_index(path)
+    assert says in str(err.value)
+
+
+def test_a_valid_header_still_indexes(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from cla2 import merge
+
+    path = tmp_path / "ok.safetensors"
+    save_file({"a": torch.arange(6.0).reshape(2, 3), "empty": torch.empty(0, 4), "b": torch.ones(3, dtype=torch.int8)},
+              str(path), metadata={"format": "pt"})
+    refs = merge.safetensors_index(path)
+    assert {n: r.shape for n, r in refs.items()} == {"a": (2, 3), "empty": (0, 4), "b": (3,)}
+    assert torch.equal(merge.read_tensor(refs["a"]), torch.arange(6.0).reshape(2, 3))
+
+
+def test_a_2gib_claim_in_a_43kb_file_allocates_nothing(tmp_path):
+    """Under an address-space limit of what the process already holds plus 512 MiB: reading the adapter the way
+    merge does is refused, where it used to allocate the claimed 2 GiB and then report truncation."""
+    path = _safetensors(tmp_path / "adapter_model.safetensors",
+                        {"w": {"dtype": "F16", "shape": [32768, 32768], "data_offsets": [0, 2 * GiB]}},
+                        b"\0" * 43_000)
+    script = f"""
+import resource, sys
+from cla2 import merge
+size = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (size + 512 * 1024**2, resource.getrlimit(resource.RLIMIT_AS)[1]))
+try:
+    for ref in merge.safetensors_index({str(path)!r}).values():
+        merge.read_tensor(ref)
+except merge.MergeError as exc:
+    print("refused:", exc)
+    sys.exit(3)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, r.stdout + r.stderr[-2000:]
+    assert "tensor w ends at byte 2147483737" in r.stdout
+
+
+def test_a_truncated_adapter_is_refused_before_merge_reads_a_tensor(tmp_path, tiny_model_small_tok, monkeypatch):
+    """End to end: an adapter whose last tensor runs past the end of its file (a download cut short) is refused
+    by merge before it reads any tensor, base or adapter; nothing is written."""
+    from test_merge import make_adapter
+
+    from cla2 import merge
+
+    adapter = make_adapter(tiny_model_small_tok, tmp_path / "lora")
+    st = adapter / "adapter_model.safetensors"
+    st.write_bytes(st.read_bytes()[:-1024])
+
+    def no_read(*a, **k):
+        raise AssertionError("a tensor was read before the adapter's header was checked")
+
+    monkeypatch.setattr(merge, "read_tensor", no_read)
+    monkeypatch.setattr(merge.BaseReader, "read", no_read)
+    with pytest.raises(merge.MergeError, match=r"adapter_model.safetensors: tensor .* ends at byte \d+ .* but the "
+                                               r"file has \d+ bytes.*re-download or re-save it"):
+        merge.main(adapter, tmp_path / "out", model=tiny_model_small_tok)
+    assert not (tmp_path / "out").exists()

@@ -71,25 +71,76 @@ class TensorRef:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
+def _json(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def safetensors_index(path: Path) -> dict[str, TensorRef]:
-    """Parse a safetensors header: names, shapes, dtypes and offsets; reads no tensor data."""
+    """Parse a safetensors header: names, shapes, dtypes and offsets; reads no tensor data.
+
+    The header is checked whole before any tensor is read, against the file's size on disk: every tensor has
+    a dtype cla2 reads, a shape of whole numbers >= 0, data_offsets [begin, end] whose length is what the
+    shape and dtype make, inside the file, and no two tensors share bytes. A header that claims more than the
+    file holds is refused here, not found out after allocating what it claims."""
+    fix = "the file is damaged or incomplete: re-download or re-save it"
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) != 8:
             raise MergeError(f"{path} is not a safetensors file (too short): re-download or re-save it")
         (n,) = struct.unpack("<Q", raw)
         if n > 100 << 20:
             raise MergeError(f"{path} is not a safetensors file (header of {n} bytes): re-download or re-save it")
-        header = json.loads(f.read(n))
+        if n > size - 8:
+            raise MergeError(f"{path}: not a safetensors file or cut short (header of {n} bytes, the file has "
+                             f"{size}): re-download or re-save it")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise MergeError(f"{path}: the header is not JSON (not a safetensors file, or {fix})") from None
+    if not isinstance(header, dict):
+        raise MergeError(f"{path}: the header is not a JSON object (not a safetensors file, or {fix})")
     base = 8 + n
     refs = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        if meta["dtype"] not in ST_DTYPES:
-            raise MergeError(f"{path}: tensor {name} has dtype {meta['dtype']}, which cla2 merge does not handle")
-        start, end = meta["data_offsets"]
-        refs[name] = TensorRef(path, name, tuple(meta["shape"]), ST_DTYPES[meta["dtype"]], base + start, base + end)
+        where = f"{path}: tensor {name}"
+        if not isinstance(meta, dict):
+            raise MergeError(f"{where} is {_json(meta)}, not an object with dtype, shape and data_offsets: {fix}")
+        for key in ("dtype", "shape", "data_offsets"):
+            if key not in meta:
+                raise MergeError(f"{where} has no {key}: {fix}")
+        dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in ST_DTYPES:
+            raise MergeError(f"{where} has dtype {_json(dtype)}, which cla2 merge does not handle (it reads "
+                             f"{', '.join(ST_DTYPES)}); if it should be one of those, {fix}")
+
+        def whole(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        if not isinstance(shape, list) or not all(whole(d) for d in shape):
+            raise MergeError(f"{where} has shape {_json(shape)}: a list of whole numbers of 0 or more is "
+                             f"allowed; {fix}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(whole(o) for o in offsets) \
+                or offsets[0] > offsets[1]:
+            raise MergeError(f"{where} has data_offsets {_json(offsets)}: [begin, end] with 0 <= begin <= end "
+                             f"is allowed; {fix}")
+        start, end = offsets
+        nbytes = math.prod(shape) * ST_DTYPES[dtype].itemsize
+        if end - start != nbytes:
+            raise MergeError(f"{where} is {dtype} {shape}, {nbytes} bytes, but its data_offsets {offsets} hold "
+                             f"{end - start}: {fix}")
+        if base + end > size:
+            raise MergeError(f"{where} ends at byte {base + end} of the file (data_offsets {offsets}), but the "
+                             f"file has {size} bytes: {fix}")
+        refs[name] = TensorRef(path, name, tuple(shape), ST_DTYPES[dtype], base + start, base + end)
+    spans = sorted((r.start, r.end, name) for name, r in refs.items() if r.end > r.start)
+    for (s0, e0, a), (s1, e1, b) in zip(spans, spans[1:], strict=False):
+        if s1 < e0:
+            raise MergeError(f"{path}: tensors {a} (bytes {s0 - base} to {e0 - base}) and {b} (bytes {s1 - base} to "
+                             f"{e1 - base}) overlap: {fix}")
     return refs
 
 
