@@ -202,3 +202,84 @@ def test_a_truncated_adapter_is_refused_before_merge_reads_a_tensor(tmp_path, ti
                                                r"file has \d+ bytes.*re-download or re-save it"):
         merge.main(adapter, tmp_path / "out", model=tiny_model_small_tok)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------ row 3: vocabulary
+def _lora_only(base_dir: Path, out: Path) -> Path:
+    """A LoRA-only adapter (no embed_tokens / lm_head saved) of ``base_dir``, saved as cla2 finetune saves one:
+    with its base's tokenizer beside it and a run.json naming the base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cla2.training import copy_tokenizer
+
+    torch.manual_seed(0)
+    net = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    net.save_pretrained(out)
+    copy_tokenizer(base_dir, out)
+    (out / "run.json").write_text(json.dumps({"job": "finetune", "base_model": str(Path(base_dir).resolve())}))
+    return out
+
+
+def _vocab(model: Path) -> int:
+    return json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+
+
+def test_merge_refuses_an_adapter_whose_tokenizer_is_another_vocabulary(tmp_path, tiny_model, tiny_model_small_tok):
+    """The layer shapes fit, so the tensors alone do not tell; the adapter's tokenizer does. Refused naming
+    both sizes and the base the adapter's run.json names, and nothing written."""
+    from cla2 import merge
+
+    small = _vocab(tiny_model_small_tok)
+    adapter = _lora_only(tiny_model_small_tok, tmp_path / "lora")
+    with pytest.raises(merge.MergeError) as err:
+        merge.main(adapter, tmp_path / "out", model=tiny_model)
+    msg = str(err.value)
+    assert f"its tokenizer has {small} pieces" in msg and f"base model {tiny_model} has a vocabulary of 55296" in msg
+    assert f"its run.json names {Path(tiny_model_small_tok).resolve()} as its base" in msg
+    assert not (tmp_path / "out").exists()
+    # with its own base it merges
+    merge.main(adapter, tmp_path / "ok", model=tiny_model_small_tok)
+    assert _vocab(tmp_path / "ok") == small
+
+
+def test_merge_refuses_saved_embeddings_of_another_vocabulary(tmp_path, tiny_model, tiny_model_small_tok):
+    from test_merge import make_adapter
+
+    from cla2 import merge
+
+    adapter = make_adapter(tiny_model_small_tok, tmp_path / "full")  # saves embed_tokens and lm_head
+    with pytest.raises(merge.MergeError) as err:
+        merge.main(adapter, tmp_path / "out", model=tiny_model)
+    msg = str(err.value)
+    small = _vocab(tiny_model_small_tok)
+    assert f"its saved embed_tokens has {small} rows" in msg and "has a vocabulary of 55296" in msg
+    assert str(Path(tiny_model_small_tok).resolve()) in msg
+
+
+def test_serve_refuses_an_adapter_of_another_vocabulary_before_loading_weights(tmp_path, tiny_model,
+                                                                                  tiny_model_small_tok, monkeypatch):
+    """load_model (serve, chat, generate, eval --adapter) used to shrink the base's 55296 embedding rows to the
+    adapter tokenizer's size and go on."""
+    from cla2 import io, loading
+    from cla2.merge import MergeError
+
+    adapter = _lora_only(tiny_model_small_tok, tmp_path / "lora")
+    real = io.load_pretrained
+
+    def no_load(*a, **k):
+        raise AssertionError("the base's weights were loaded before the adapter's vocabulary was checked")
+
+    monkeypatch.setattr(io, "load_pretrained", no_load)
+    with pytest.raises(MergeError, match=rf"its tokenizer has {_vocab(tiny_model_small_tok)} pieces.* has a "
+                                         r"vocabulary of 55296.*its run.json names"):
+        loading.load_model(tiny_model, adapter, device="cpu")
+    monkeypatch.setattr(io, "load_pretrained", real)
+    net, tok, _ = loading.load_model(tiny_model_small_tok, adapter, device="cpu")  # its own base: loads
+    assert net.get_input_embeddings().weight.shape[0] == len(tok) == _vocab(tiny_model_small_tok)

@@ -157,8 +157,13 @@ def test_dtype_flag_and_cli(tmp_path, adapter, tiny_model, reference):
 
 def test_adapter_from_another_base_names_each_tensor(tmp_path, tiny_model, tiny_model_small_tok):
     other = make_adapter(tiny_model_small_tok, tmp_path / "other")  # vocabulary 1000, not 55296
-    with pytest.raises(MergeError) as err:
+    with pytest.raises(MergeError, match=r"trained with another vocabulary \(its saved embed_tokens has 1000 rows, "
+                                         r"its saved lm_head has 1000 rows\), but base model .* has a vocabulary "
+                                         r"of 55296.*its run.json names .*tiny-small-tok as its base"):
         merge.main(other, tmp_path / "out", model=tiny_model)
+    # the vocabulary is checked first; the shapes, tensor by tensor, after it
+    with pytest.raises(MergeError) as err:
+        merge.plan(merge.load_adapter(other), merge.BaseReader(tiny_model).refs)
     msg = str(err.value)
     assert "does not fit base model" in msg and "trained on another base" in msg
     assert "base_model.model.lm_head.weight: shape [1000, 64], the base tensor lm_head.weight is [55296, 64]" in msg

@@ -43,7 +43,9 @@ def tokenizer_dir(model: Path, adapter: Path | None) -> Path:
 def load_model(model: Path, adapter: Path | None = None, device: str | None = None, dtype: str | None = None,
                devices: list[int] | None = None, layer_groups: list[list[int]] | None = None):
     """Load (model, tokenizer, torch device) from a Hugging Face folder, with an optional LoRA adapter
-    merged in. The tokenizer comes from the adapter folder when it ships one (the seed's adapters do).
+    merged in. The tokenizer comes from the adapter folder when it ships one (the seed's adapters do). An
+    adapter whose vocabulary (its saved embed_tokens / lm_head rows, its tokenizer) is not the model's
+    vocab_size is refused before any weight loads: it was trained on another base.
 
     ``devices``: the device indices of the replica (default: the current device alone). With more than one,
     the layers are spread over them as ``layer_groups`` says (the plan's split; default: even), each weight
@@ -61,6 +63,13 @@ def load_model(model: Path, adapter: Path | None = None, device: str | None = No
     if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():
         raise FileNotFoundError(f"adapter folder {adapter} has no adapter_config.json: point --adapter at "
                                 "the folder `cla2 finetune` wrote")
+    if adapter is not None:
+        # An adapter of another base whose layer shapes fit would load; its vocabulary tells (see merge).
+        from cla2.merge import adapter_tensors, check_adapter_vocab
+
+        ships_tokenizer = tokenizer_dir(model, adapter) == Path(adapter)
+        check_adapter_vocab(Path(adapter), adapter_tensors(adapter)[0], Path(model),
+                            len(tokenizer) if ships_tokenizer else None)
     if devices is not None and len(devices) > 1:
         net = _load_split(AutoModelForCausalLM, model, torch_dtype, [dev.torch_device(i) for i in devices],
                           layer_groups)
@@ -71,8 +80,6 @@ def load_model(model: Path, adapter: Path | None = None, device: str | None = No
     if adapter is not None:
         from peft import PeftModel
 
-        if net.get_input_embeddings().weight.shape[0] != len(tokenizer):
-            net.resize_token_embeddings(len(tokenizer))
         net = PeftModel.from_pretrained(net, str(adapter)).merge_and_unload()
     if getattr(net, "hf_device_map", None) is None or len(devices or []) <= 1:
         net.to(torch_device)

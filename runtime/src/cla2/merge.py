@@ -245,6 +245,79 @@ class Adapter:
         return read_tensor(self.refs[name])
 
 
+def adapter_tensors(folder: Path) -> tuple[dict[str, TensorRef], dict[str, torch.Tensor]]:
+    """An adapter folder's tensors: where each is (nothing read yet), and those a .bin load already holds."""
+    folder = Path(folder)
+    st, binf = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
+    loaded: dict[str, torch.Tensor] = {}
+    if st.exists():
+        refs = safetensors_index(st)
+    elif binf.exists() and not torch_load_is_safe():
+        refs = bin_refs(binf)
+    elif binf.exists():
+        loaded = torch.load(str(binf), map_location="cpu", mmap=True, weights_only=True)
+        refs = {n: TensorRef(binf, n, tuple(t.shape), t.dtype) for n, t in loaded.items()}
+    else:
+        raise MergeError(f"{folder} has no adapter_model.safetensors or adapter_model.bin: the training run did not "
+                         "finish; resume it (cla2 finetune ... --resume) or point --adapter at a finished one")
+    return refs, loaded
+
+
+def adapter_vocab(refs: dict[str, TensorRef]) -> list[tuple[str, int]]:
+    """The vocabulary sizes an adapter's tensors show: rows of the embed_tokens / lm_head it saved in full
+    (modules_to_save), as (what, size)."""
+    out = []
+    for module in ("embed_tokens", "lm_head"):
+        for name, ref in refs.items():
+            key = name.removeprefix("base_model.model.").replace(".modules_to_save.default", "")
+            if key.endswith(f"{module}.weight") and ".lora_" not in key and len(ref.shape) == 2 and ref.shape[0]:
+                out.append((f"its saved {module} has {ref.shape[0]} rows", ref.shape[0]))
+    return out
+
+
+def tokenizer_size(folder: Path) -> int | None:
+    """Pieces of the tokenizer a folder ships (what transformers' len(tokenizer) says), or None without one."""
+    folder = Path(folder)
+    if not any((folder / n).exists() for n in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return len(AutoTokenizer.from_pretrained(str(folder)))
+    except (OSError, ValueError):
+        return None  # not a tokenizer transformers reads: the adapter's tensors are checked still
+
+
+def check_adapter_vocab(adapter: Path, refs: dict[str, TensorRef], model: Path, tokenizer_pieces: int | None) -> None:
+    """The adapter's vocabulary (the rows of its saved embed_tokens / lm_head, and its tokenizer's pieces when it
+    ships one) must be the base's (config.json vocab_size): cla2 trains only with a tokenizer of the model's
+    size, so a difference means an adapter of another base, whose layer shapes may still fit."""
+    config = json.loads((Path(model) / "config.json").read_text())
+    vocab = config.get("vocab_size")
+    if vocab is None and isinstance(config.get("text_config"), dict):
+        vocab = config["text_config"].get("vocab_size")
+    if not isinstance(vocab, int):
+        return  # the plan refuses such a config with its own message
+    seen = adapter_vocab(refs)
+    if tokenizer_pieces is not None:
+        seen.append((f"its tokenizer has {tokenizer_pieces} pieces", tokenizer_pieces))
+    wrong = [(what, n) for what, n in seen if n != vocab]
+    if not wrong:
+        return
+    run = read(Path(adapter)) or {}
+    named = run.get("base_model")
+    if named:
+        todo = (f"its run.json names {named} as its base: use that one (--model {named})"
+                if Path(named).resolve() != Path(model).resolve() else
+                f"its run.json names this base ({named}), which has changed since: use the base it was trained on")
+    else:
+        todo = "its run.json names no base: use the base model it was trained on"
+    what = ", ".join(w for w, _ in wrong)
+    raise MergeError(f"adapter {adapter} was trained with another vocabulary ({what}), but base model {model} has "
+                     f"a vocabulary of {vocab} (config.json vocab_size): the adapter was trained on another base; "
+                     f"{todo}")
+
+
 def load_adapter(folder: Path) -> Adapter:
     folder = Path(folder)
     cfg_path = folder / "adapter_config.json"
@@ -258,18 +331,7 @@ def load_adapter(folder: Path) -> Adapter:
         raise MergeError(f"{cfg_path}: DoRA adapters are not supported by cla2 merge: merge with peft's merge_and_unload")
     if config.get("fan_in_fan_out"):
         raise MergeError(f"{cfg_path}: fan_in_fan_out adapters (GPT-2 style Conv1D) are not LLaMA adapters")
-    st, binf = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
-    loaded: dict[str, torch.Tensor] = {}
-    if st.exists():
-        refs = safetensors_index(st)
-    elif binf.exists() and not torch_load_is_safe():
-        refs = bin_refs(binf)
-    elif binf.exists():
-        loaded = torch.load(str(binf), map_location="cpu", mmap=True, weights_only=True)
-        refs = {n: TensorRef(binf, n, tuple(t.shape), t.dtype) for n, t in loaded.items()}
-    else:
-        raise MergeError(f"{folder} has no adapter_model.safetensors or adapter_model.bin: the training run did not "
-                         "finish; resume it (cla2 finetune ... --resume) or point --adapter at a finished one")
+    refs, loaded = adapter_tensors(folder)
     if not refs:
         raise MergeError(f"adapter {folder} holds no tensors: retrain it")
     empty = [n for n, r in refs.items() if math.prod(r.shape) == 0]
@@ -466,6 +528,7 @@ def main(
         if not model.is_dir():
             raise MergeError(f"base model folder {model} does not exist: pass --model pointing at it")
         raise MergeError(f"base model folder {model} has no config.json: point --model at a Hugging Face model folder")
+    check_adapter_vocab(adapter, ad.refs, model, tokenizer_size(adapter))
     reader = BaseReader(model)
     lora, full = plan(ad, reader.refs)
     config = json.loads((model / "config.json").read_text())
