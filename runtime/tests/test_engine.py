@@ -734,3 +734,53 @@ def test_waiting_requests_are_prefilled_together_and_generate_what_they_generate
     assert results[1].finish_reason == "error" and results[0].error is None and results[2].error is None
     assert results[0].token_ids == single[0].token_ids and results[2].token_ids == single[2].token_ids
     assert engine.prefills - before == 2  # the shared forward failed; the two good ones ran alone
+
+
+# ---- hardening, second round (issue 24) ---------------------------------------------------------------
+
+def test_a_cancelled_waiting_request_leaves_the_queue_at_once(engine):
+    """A waiting request whose consumer went away frees its place in the bounded queue at once (not when
+    a batch slot opens), and gets its cancelled Result: the next request is queued, not refused. The
+    running request's steps are held, so the slot stays taken however fast the machine is."""
+    from cla2.engine import QueueFull
+
+    e = Engine(engine.model, engine.tokenizer, engine.device, max_batch_size=1, max_waiting=2)
+    stepping, release = threading.Event(), threading.Event()
+    real_step = e._step
+
+    def held_step():
+        stepping.set()
+        release.wait(60)
+        real_step()
+
+    e._step = held_step
+    results: dict[str, list[Result]] = {"running": [], "w0": [], "w1": [], "late": []}
+
+    def sink(name):
+        return lambda ev: ev.result is not None and results[name].append(ev.result)
+
+    try:
+        e.submit("从前", SamplingParams(max_new_tokens=3, temperature=0), sink("running"))
+        assert stepping.wait(60), "the first request did not reach the batch"
+        assert e.num_running == 1
+        waiting = [e.submit("你好", SamplingParams(max_new_tokens=3), sink(f"w{i}")) for i in range(2)]
+        assert e.num_waiting == 2 and e.queue_full
+        with pytest.raises(QueueFull):
+            e.submit("再来", SamplingParams(max_new_tokens=3))
+        for w in waiting:
+            w.cancel()
+        assert e.num_waiting == 0, "cancelled requests still hold their places in the queue"
+        assert not e.queue_full
+        assert [r.finish_reason for r in results["w0"] + results["w1"]] == ["cancelled", "cancelled"]
+        assert e.finished["cancelled"] == 2
+        e.submit("再来", SamplingParams(max_new_tokens=3, temperature=0), sink("late"))  # not refused
+        assert e.num_waiting == 1
+        release.set()
+        assert wait_until(lambda: results["late"] and results["running"], 60)
+        assert results["late"][0].finish_reason in ("stop", "length")
+        assert results["running"][0].finish_reason in ("stop", "length")
+        assert len(results["w0"]) == len(results["w1"]) == 1, "a cancelled request got a second Result"
+        assert e.finished["cancelled"] == 2
+    finally:
+        release.set()
+        e.close()

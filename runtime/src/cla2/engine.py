@@ -4,7 +4,8 @@ A background thread runs a continuous-batching loop over one batched KV cache (t
 DynamicCache): new requests are prefilled (those waiting together in one left-padded forward), each
 one's cache is left-padded and stacked onto the running batch, and from then on it decodes one token per
 step together with every other running request. A request that finishes, or whose consumer goes away
-(``Request.cancel()``), leaves the batch at the next step and frees its slot for a waiting one. An idle
+(``Request.cancel()``), leaves the batch at the next step and frees its slot for a waiting one; a waiting
+request that is cancelled leaves the queue at once (its place under ``max_waiting`` is free). An idle
 loop waits on a condition (no polling).
 
 A step is the model's forward plus as little as possible (issue 15): sampling runs once over the
@@ -200,6 +201,9 @@ class Request:
         self.emitted = 0  # characters of self.text already sent
         self.finish_reason: str | None = None
         self.cancelled = False
+        self.done = False  # its Result is sent
+        # set by the engine that queues it: takes a cancelled request out of the waiting queue
+        self.withdraw: Callable[[Request], None] | None = None
         self.next_token: int | None = None
         self.generator = torch.Generator()
         if params.seed is not None:
@@ -216,8 +220,13 @@ class Request:
             self.seen = torch.tensor(ids, dtype=torch.long).to(device)
 
     def cancel(self) -> None:
-        """The consumer went away: the engine drops the request at its next step."""
+        """The consumer went away. A waiting request leaves the queue at once (its place there is free for
+        the next request, and its consumer gets the cancelled Result now); a running one leaves the batch
+        at the engine's next step."""
+        first = not (self.cancelled or self.done)
         self.cancelled = True
+        if first and self.withdraw is not None:
+            self.withdraw(self)
 
     @property
     def position(self) -> int:
@@ -262,6 +271,7 @@ class Request:
         self.next_token = token_id
 
     def finish(self, reason: str | None = None, error: str | None = None) -> Result:
+        self.done = True
         self.finish_reason = reason or self.finish_reason or "stop"
         if error is None and self.finish_reason != "cancelled":
             self._send(final=True)
@@ -471,6 +481,7 @@ class Engine:
         # QueueFull (the server's 429). None: no bound (a batch job submits its whole file at once).
         self.max_waiting = None if max_waiting is None else max(0, int(max_waiting))
         self.finished: collections.Counter[str] = collections.Counter()  # results by finish_reason
+        self._finished_lock = threading.Lock()  # a withdrawn request is counted on its canceller's thread
         self.name = name
         self.truncate = truncate
         self.window = int(getattr(model.config, "max_position_embeddings", 4096))
@@ -564,10 +575,12 @@ class Engine:
 
         def counted(ev: Event) -> None:
             if ev.result is not None:
-                self.finished[ev.result.finish_reason] += 1
+                with self._finished_lock:
+                    self.finished[ev.result.finish_reason] += 1
             user_sink(ev)
 
         req = Request(prompt_ids, params, counted, self.tokenizer, self.eos_ids, max_new)
+        req.withdraw = self._withdraw
         with self._cv:
             if self._closed:
                 raise RuntimeError("the engine is closed")
@@ -577,6 +590,17 @@ class Engine:
             self._waiting.append(req)
             self._cv.notify()
         return req
+
+    def _withdraw(self, req: Request) -> None:
+        """A cancelled request that still waits leaves the queue now, not when a batch slot opens: its place
+        under ``max_waiting`` (and the queue-length gauge) is free at once. One the loop has taken already
+        is dropped by the loop (before its prefill, or at the next step)."""
+        with self._cv:
+            try:
+                self._waiting.remove(req)
+            except ValueError:
+                return
+        req.finish("cancelled")
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None
                ) -> Iterator[str | Result]:
@@ -668,7 +692,8 @@ class Engine:
                 while not self._closed and not self._waiting and not self._active:
                     self._cv.wait()
                 if self._closed:
-                    for r in [*self._active, *self._waiting]:
+                    waiting, self._waiting = list(self._waiting), collections.deque()
+                    for r in [*self._active, *waiting]:
                         r.finish("cancelled")
                     return
             try:
