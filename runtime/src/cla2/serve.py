@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from cla2 import plan
 from cla2.api import APIError, ServerState, State, error_response, router
@@ -45,6 +47,12 @@ DEFAULT_MAX_WAITING = 64
 # label cardinality asks, and as vLLM / TGI label by route template, never by raw URL); anything else
 # is "other", and the web chat's many asset paths are not counted.
 ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+# uvicorn's own logger: its lines go where the server's go, at the level given by --log-level.
+log = logging.getLogger("uvicorn.error")
+
+
+def route_label(path: str) -> str:
+    return path if path in ROUTES else "other"
 
 
 # ---- metrics -----------------------------------------------------------------------------------------
@@ -137,7 +145,7 @@ class Guard:
                 await self.app(scope, receive, counting_send)
         finally:
             if not path.startswith("/chat"):
-                self.state.metrics.http.labels(path if path in ROUTES else "other", str(status[0])).inc()
+                self.state.metrics.http.labels(route_label(path), str(status[0])).inc()
 
 
 # ---- errors any route may raise, as OpenAI-shaped bodies ---------------------------------------------
@@ -153,6 +161,17 @@ async def _not_found(request: Request, exc):
 async def _not_allowed(request: Request, exc):
     return error_response(APIError(405, f"method {request.method} not allowed on {request.url.path}",
                                    code="method_not_allowed"))
+
+
+async def _client_gone(request: Request, exc: ClientDisconnect):
+    # The client closed the connection before it had sent its whole body (starlette raises this from the
+    # body read): no server error, so no traceback and no 5xx. 499 is nginx's "client closed request"
+    # (what a client gone during a generation gets too): the HTTP counter records it; nobody reads it. One
+    # short line, with the allow-listed route (the raw path is the client's to choose).
+    client = f" {request.client.host}:{request.client.port}" if request.client else ""
+    log.info("%s %s: the client%s closed the connection before sending its whole body", request.method,
+             route_label(request.url.path), client)
+    return Response(status_code=499)
 
 
 async def _internal(request: Request, exc: Exception):
@@ -220,6 +239,7 @@ def create_app(engine: Engine | None = None, model_name: str | None = None, api_
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(404, _not_found)
     app.add_exception_handler(405, _not_allowed)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _internal)
 
     app.include_router(ops)

@@ -1,0 +1,153 @@
+"""Hardening of `cla2 serve`, second round (issue 24), over real HTTP (uvicorn in a thread on 127.0.0.1):
+cancelled queued requests leave the queue at once, a client that drops inside its body is no server error."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+
+import httpx
+import pytest
+from test_serve import KEY, Server, raw_post, wait_for
+
+from cla2.engine import Engine, SamplingParams
+from cla2.serve import create_app
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    e = Engine.from_pretrained(tiny_model, max_batch_size=4, name="tiny")
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    s = Server(create_app(engine, web=False))
+    yield s
+    s.stop()
+
+
+def metric(url: str, series: str) -> float | None:
+    """The value of one series of /metrics (``name`` or ``name{labels}``), None when it is not there."""
+    for line in httpx.get(url + "/metrics", timeout=60).text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return None
+
+
+def http_statuses(url: str, path: str) -> dict[str, float]:
+    """cla2_http_requests_total by status, for one path label."""
+    prefix = f'cla2_http_requests_total{{path="{path}",status="'
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=60).text.splitlines():
+        if line.startswith(prefix):
+            status, value = line[len(prefix):].split('"}')
+            out[status] = float(value)
+    return out
+
+
+def held(e: Engine) -> tuple[threading.Event, threading.Event]:
+    """Hold the engine's decode steps until ``release`` is set: a running request keeps its batch slot
+    however fast the machine is. ``stepping`` is set once a step waits."""
+    stepping, release = threading.Event(), threading.Event()
+    real_step = e._step
+
+    def held_step():
+        stepping.set()
+        release.wait(60)
+        real_step()
+
+    e._step = held_step
+    return stepping, release
+
+
+# ---- row 1: a cancelled waiting request leaves the queue at once --------------------------------------
+
+def test_clients_that_leave_the_queue_free_their_places_at_once(engine):
+    """Batch 1, --max-waiting 4, four queued clients go away: the queue-length gauge drops to 0, their
+    requests count as cancelled, and a live client is queued (and answered), not refused with 429,
+    while the batch slot is still taken."""
+    small = Engine(engine.model, engine.tokenizer, engine.device, max_batch_size=1, max_waiting=4, name="tiny")
+    stepping, release = held(small)
+    s = Server(create_app(small, web=False))
+    socks: list[socket.socket] = []
+    try:
+        small.submit("从前", SamplingParams(max_new_tokens=3, temperature=0))  # takes the only slot
+        assert stepping.wait(60), "the first request did not reach the batch"
+        socks = [raw_post(s.url, "/v1/completions", {"prompt": "你好", "max_tokens": 2}) for _ in range(4)]
+        assert wait_for(lambda: small.num_waiting == 4, 60)
+        assert metric(s.url, "cla2_queue_length") == 4
+        full = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
+        assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
+        for sock in socks:
+            sock.close()
+        assert wait_for(lambda: metric(s.url, "cla2_queue_length") == 0, 60), \
+            "the requests of gone clients still hold their places in the queue"
+        assert small.num_running == 1 and not release.is_set()  # the slot is still taken
+        key = 'cla2_requests_total{endpoint="completions",outcome="cancelled"}'
+        assert wait_for(lambda: metric(s.url, key) == 4, 60)
+        answer: list[httpx.Response] = []
+        live = threading.Thread(target=lambda: answer.append(httpx.post(
+            s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)))
+        live.start()
+        assert wait_for(lambda: small.num_waiting == 1 or bool(answer), 60)
+        assert not answer, f"the live client was answered while the slot was taken: {answer[0].text}"
+        release.set()
+        live.join(60)
+        assert answer and answer[0].status_code == 200, answer and answer[0].text
+        assert small.finished["cancelled"] == 4
+    finally:
+        release.set()
+        for sock in socks:
+            sock.close()
+        s.stop()
+        small.close()
+
+
+# ---- row 12: a client that drops inside its body --------------------------------------------------------
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_client_that_drops_inside_its_body_is_not_a_server_error(server):
+    """Content-Length promises more than is sent, then the socket closes: no traceback (at most one
+    short log line), and no 5xx in cla2_http_requests_total."""
+    records = Records()
+    logger, error_logger = logging.getLogger("uvicorn"), logging.getLogger("uvicorn.error")
+    level = error_logger.level
+    logger.addHandler(records)
+    error_logger.setLevel(logging.DEBUG)
+    state = server.server.server_state
+    try:
+        before_statuses = http_statuses(server.url, "/v1/completions")
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+                      "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n").encode()
+                     + b'{"prompt": "hi", "max_')
+        # the app runs, waiting for the rest of the body
+        assert wait_for(lambda: bool(state.tasks), 60), "the server never started on the request"
+        sock.close()
+        assert wait_for(lambda: not state.tasks and http_statuses(server.url, "/v1/completions") != before_statuses,
+                        60), "the request was never answered or counted"
+    finally:
+        logger.removeHandler(records)
+        error_logger.setLevel(level)
+    after = http_statuses(server.url, "/v1/completions")
+    new = {k: v - before_statuses.get(k, 0) for k, v in after.items() if v != before_statuses.get(k, 0)}
+    assert list(new.values()) == [1], new
+    assert not [k for k in new if k.startswith("5")], f"a client that went away was counted as {new}"
+    assert not [r for r in records.records if r.exc_info or r.levelno >= logging.ERROR], \
+        [r.getMessage() for r in records.records]
+    lines = [r.getMessage() for r in records.records]
+    assert len(lines) <= 1 and all("\n" not in line and len(line) < 300 for line in lines), lines
+    # and the server keeps serving
+    ok = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200
