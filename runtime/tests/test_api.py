@@ -49,3 +49,24 @@ def test_parse_json_refuses_what_openai_would():
             api.parse_json(raw)
         assert err.value.status == 400
     assert api.parse_json(b'{"a": [1]}') == {"a": [1]}
+
+
+def test_an_sse_event_is_one_line_whatever_its_text_holds():
+    import json
+
+    text = "一\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029二"
+    for ensure_ascii in (False, True):
+        event = api._sse({"text": text}, ensure_ascii=ensure_ascii)
+        assert event.endswith("\n\n")
+        line = event[:-2]
+        assert line.splitlines() == [line] and line.startswith("data: ")
+        assert json.loads(line[6:]) == {"text": text}
+    assert "一" in api._sse({"text": text}, ensure_ascii=False)  # CJK stays as it is
+
+
+def test_lone_surrogates_are_found_with_their_path():
+    assert api.lone_surrogate({"messages": [{"role": "user", "content": "fine 😀"}]}) is None
+    assert api.lone_surrogate({"messages": [{"content": "ok"}, {"content": [{"text": "a\udbffb"}]}]}) == [
+        "messages", "1", "content", "0", "text"]
+    assert api.lone_surrogate({"stop": ["x", "\ud800"]}) == ["stop", "1"]
+    assert api.lone_surrogate({"extra": {"\udc00": 1}}) == ["extra", "'\\udc00'"]

@@ -1,8 +1,10 @@
 """Hardening of `cla2 serve`, second round (issue 24), over real HTTP (uvicorn in a thread on 127.0.0.1):
-cancelled queued requests leave the queue at once, a client that drops inside its body is no server error."""
+cancelled queued requests leave the queue at once, a client that drops inside its body is no server error,
+a lone surrogate is a 400, and no SSE event line holds a character that splits it for a line reader."""
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
@@ -11,7 +13,7 @@ import httpx
 import pytest
 from test_serve import KEY, Server, raw_post, wait_for
 
-from cla2.engine import Engine, SamplingParams
+from cla2.engine import Engine, Result, SamplingParams
 from cla2.serve import create_app
 
 
@@ -151,3 +153,101 @@ def test_a_client_that_drops_inside_its_body_is_not_a_server_error(server):
     # and the server keeps serving
     ok = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
     assert ok.status_code == 200
+
+
+# ---- row 13: a lone surrogate is a 400; SSE lines hold no line separator ------------------------------
+
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.mark.parametrize("path,raw,param,where", [
+    ("/v1/chat/completions", rb'{"messages": [{"role": "user", "content": "a\ud800b"}]}', "messages",
+     "messages.0.content"),
+    ("/v1/chat/completions", rb'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}',
+     "messages", "messages.0.content.0.text"),
+    ("/v1/chat/completions", rb'{"messages": [{"role": "user", "content": "hi"}], "stop": ["\ud800"]}', "stop",
+     "stop.0"),
+    ("/v1/chat/completions", rb'{"model": "\ud800", "messages": [{"role": "user", "content": "hi"}]}', "model",
+     "model"),
+    ("/v1/completions", rb'{"prompt": "\udc00x", "max_tokens": 2}', "prompt", "prompt"),
+    ("/v1/completions", rb'{"prompt": ["\ud83d"], "max_tokens": 2}', "prompt", "prompt.0"),
+])
+def test_a_lone_surrogate_is_an_openai_shaped_400_naming_the_field(server, path, raw, param, where):
+    r = httpx.post(server.url + path, content=raw, headers=JSON, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param
+    assert where in err["message"] and "surrogate" in err["message"]
+
+
+def test_a_surrogate_pair_is_one_character_and_fine(server):
+    raw = rb'{"messages": [{"role": "user", "content": "\ud83d\ude00"}], "max_tokens": 2}'
+    r = httpx.post(server.url + "/v1/chat/completions", content=raw, headers=JSON, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+# Every character str.splitlines() breaks a line at, in the text of one generated piece.
+SEPARATORS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+TEXT = "一\u2028二\u2029三\x85四\x0b五\x0c六\x1c七\x1d八\x1e九\r\n十"
+
+
+class _Req:
+    def cancel(self) -> None:
+        pass
+
+
+@pytest.fixture()
+def separator_text(engine, monkeypatch):
+    """The engine's stream answers TEXT, in two pieces, whatever the prompt."""
+    def open_async(prompt, params=None):
+        async def pieces():
+            yield TEXT[:5]
+            yield TEXT[5:]
+            yield Result(text=TEXT, finish_reason="stop", prompt_tokens=1, completion_tokens=2, token_ids=[1, 2],
+                         time_to_first_token=0.0, elapsed=0.0)
+        return _Req(), pieces()
+
+    monkeypatch.setattr(engine, "open_async", open_async)
+    return TEXT
+
+
+def test_sse_event_lines_hold_no_line_separator(server, separator_text):
+    import asyncio
+
+    async def lines(path: str, body: dict) -> tuple[list[str], bytes]:
+        got, raw = [], b""
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            async with c.stream("POST", path, json={**body, "stream": True}) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    got.append(line)
+            # the raw bytes too, for the separators aiter_lines would have hidden
+            async with c.stream("POST", path, json={**body, "stream": True}) as r:
+                async for chunk in r.aiter_bytes():
+                    raw += chunk
+        return got, raw
+
+    for path, body, text_of in (
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]},
+             lambda e: e["choices"][0]["delta"].get("content", "")),
+            ("/v1/completions", {"prompt": "hi"}, lambda e: e["choices"][0]["text"])):
+        got, raw = asyncio.run(lines(path, body))
+        assert all(line == "" or line.startswith("data: ") for line in got), got
+        events = [line[6:] for line in got if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert "".join(text_of(c) for c in chunks) == separator_text
+        decoded = raw.decode()
+        for line in decoded.split("\n\n"):
+            assert not set(line) & set(SEPARATORS), repr(line)
+        assert "一" in decoded  # CJK stays readable: only the separators are escaped
+
+
+def test_openai_client_streams_text_with_line_separators(server, separator_text):
+    import openai
+
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    stream = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == separator_text
+    stream = c.completions.create(model="tiny", prompt="hi", stream=True)
+    assert "".join(ch.choices[0].text for ch in stream if ch.choices) == separator_text

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -44,6 +45,14 @@ RETRY_AFTER_S = 1
 # JSON nesting deeper than this is refused (an OpenAI request nests about 5 levels); json.loads itself
 # raises RecursionError near 1000 levels, caught too.
 MAX_JSON_DEPTH = 32
+# A lone UTF-16 surrogate: JSON's "\ud800" escape without its pair decodes to one, which is no Unicode
+# character; the tokenizer (and the UTF-8 encoder of any answer that repeats it) fails on it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# What str.splitlines() ends a line at. json.dumps escapes the ones below U+0020 itself; with
+# ensure_ascii=False U+0085, U+2028 and U+2029 would go out raw, and a client that reads SSE by lines as
+# splitlines does (httpx's aiter_lines) would cut an event's line there. Each is escaped as \uXXXX (it can
+# only stand inside a JSON string, where the escape means the same character).
+_LINE_BREAKS = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
 
 
 # ---- the server's state ------------------------------------------------------------------------------
@@ -302,10 +311,34 @@ async def read_body(request: Request, max_body_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+def lone_surrogate(data: Any) -> list[str] | None:
+    """The path (``["messages", "0", "content"]``) of the first string, or object key, in ``data`` that holds
+    a lone UTF-16 surrogate, or None (iterative; an object's keys are looked at before its values)."""
+    stack: list[tuple[Any, list[str]]] = [(data, [])]
+    while stack:
+        obj, path = stack.pop()
+        if isinstance(obj, str):
+            if _SURROGATE.search(obj):
+                return path
+        elif isinstance(obj, dict):
+            for key in obj:
+                if _SURROGATE.search(key):
+                    return [*path, ascii(key)]
+            stack.extend((v, [*path, k]) for k, v in reversed(obj.items()))
+        elif isinstance(obj, list):
+            stack.extend((v, [*path, str(i)]) for i, v in reversed(list(enumerate(obj))))
+    return None
+
+
 def validated(state: ServerState, raw: bytes, cls: type[_Sampling]) -> _Sampling:
     data = parse_json(raw)
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    bad = lone_surrogate(data)
+    if bad is not None:
+        raise APIError(400, f"invalid request: {'.'.join(bad)}: the string holds a lone UTF-16 surrogate (an "
+                            "unpaired \\ud800-\\udfff escape), which is not a character: send the text as "
+                            "UTF-8, or a character beyond U+FFFF as an escaped surrogate pair", param=bad[0])
     try:
         # strict: a string, a boolean or a float where a number, an integer or a string belongs is an
         # error, as in OpenAI's API, not something coerced
@@ -368,7 +401,8 @@ async def cancel_on_disconnect(request: Request, req, gone: Callable[[], None]) 
 
 
 def _sse(data: dict, ensure_ascii: bool = True) -> str:
-    return "data: " + json.dumps(data, ensure_ascii=ensure_ascii) + "\n\n"
+    """One SSE event; its data line holds no character that a line reader ends a line at."""
+    return "data: " + json.dumps(data, ensure_ascii=ensure_ascii).translate(_LINE_BREAKS) + "\n\n"
 
 
 class _Answer:

@@ -6,9 +6,11 @@ chat at ``/chat``. The server listens first and loads the model after, so ``/hea
 whether the model is loading (503), loaded (200) or failed to load (503 with the cause).
 
 Hardening (see docs/failure-modes.md, "Server"): bodies are capped (413), POSTs must be JSON (415), any
-invalid value is an OpenAI-style 400, the JSON is parsed and the prompt tokenised in worker threads (the
-event loop, and so /health, never waits on them), a full waiting queue answers 429 with Retry-After, a
-client that goes away cancels its request (streaming or not), and metric labels come from an allow-list.
+invalid value is an OpenAI-style 400 (a lone surrogate in a string too), the JSON is parsed and the prompt
+tokenised in worker threads (the event loop, and so /health, never waits on them), a full waiting queue
+answers 429 with Retry-After, a client that goes away cancels its request (streaming or not; a queued one
+leaves the queue at once), a client that goes away while it sends its body is a 499 (no traceback, no
+5xx), SSE event lines hold no line separator, and metric labels come from an allow-list.
 
 Where each part lives: this module builds the app (``create_app``: the state, the guard middleware that
 refuses before any handler runs and counts every response, /health, /metrics, the web chat's mount) and
