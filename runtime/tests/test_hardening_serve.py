@@ -251,3 +251,100 @@ def test_openai_client_streams_text_with_line_separators(server, separator_text)
     assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == separator_text
     stream = c.completions.create(model="tiny", prompt="hi", stream=True)
     assert "".join(ch.choices[0].text for ch in stream if ch.choices) == separator_text
+
+
+# ---- row 5: fields this server does not implement are refused, not ignored ------------------------------
+
+UNSUPPORTED = [
+    ("/v1/chat/completions", "tools", "x"),
+    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]),
+    ("/v1/chat/completions", "tool_choice", "auto"),
+    ("/v1/chat/completions", "tool_choice", "required"),
+    ("/v1/chat/completions", "tool_choice", {"type": "function", "function": {"name": "f"}}),
+    ("/v1/chat/completions", "functions", [{"name": "f", "parameters": {}}]),
+    ("/v1/chat/completions", "function_call", "auto"),
+    ("/v1/chat/completions", "response_format", "x"),
+    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+    ("/v1/chat/completions", "response_format", {"type": "json_schema", "json_schema": {"name": "a", "schema": {}}}),
+    ("/v1/chat/completions", "response_format", {"type": "text", "extra": 1}),
+    ("/v1/chat/completions", "logit_bias", "x"),
+    ("/v1/chat/completions", "logit_bias", {"50256": -100}),
+    ("/v1/completions", "logit_bias", {"1": 5}),
+    ("/v1/completions", "response_format", {"type": "json_object"}),
+]
+NO_OPS = [("response_format", {"type": "text"}), ("tools", []), ("tool_choice", "none"), ("logit_bias", {}),
+          ("functions", []), ("function_call", "none"), ("tools", None), ("response_format", None)]
+
+
+def _body(path: str, **extra) -> dict:
+    base = ({"messages": [{"role": "user", "content": "hi"}]} if path == "/v1/chat/completions" else {"prompt": "hi"})
+    return {**base, "max_tokens": 2, **extra}
+
+
+@pytest.mark.parametrize("path,field,value", UNSUPPORTED)
+def test_an_unsupported_field_is_an_openai_shaped_400_naming_it(server, engine, path, field, value):
+    before = sum(engine.finished.values())
+    r = httpx.post(server.url + path, json=_body(path, **{field: value}), timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == field, err
+    assert "does not support" in err["message"] and field in err["message"], err
+    assert sum(engine.finished.values()) == before, "a refused request ran a generation"
+
+
+@pytest.mark.parametrize("field,value", NO_OPS)
+def test_the_no_op_forms_of_unsupported_fields_are_accepted(server, field, value):
+    r = httpx.post(server.url + "/v1/chat/completions", json=_body("/v1/chat/completions", **{field: value}),
+                   timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_openai_client_gets_bad_request_for_unsupported_fields(server):
+    import openai
+
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    hi = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    for kwargs, param in (({"tools": tools}, "tools"), ({"response_format": {"type": "json_object"}}, "response_format"),
+                          ({"logit_bias": {"1": 5}}, "logit_bias")):
+        with pytest.raises(openai.BadRequestError) as err:
+            c.chat.completions.create(model="tiny", messages=hi, max_tokens=2, **kwargs)
+        assert err.value.param == param and "does not support" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        c.completions.create(model="tiny", prompt="hi", max_tokens=2, logit_bias={"1": 5})
+    assert err.value.param == "logit_bias"
+    r = c.chat.completions.create(model="tiny", messages=hi, max_tokens=2, response_format={"type": "text"},
+                                  tools=[], logit_bias={})
+    assert r.choices[0].message.role == "assistant"
+
+
+# ---- row 16: with --api-key, every route but /health (and the web chat, which asks itself) needs it ------
+
+@pytest.fixture(scope="module")
+def keyed(engine):
+    s = Server(create_app(engine, api_key=KEY, web=False))
+    yield s
+    s.stop()
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/openapi.json", "/docs", "/redoc", "/v1/models", "/nowhere"])
+def test_with_a_key_only_health_is_open(keyed, path):
+    r = httpx.get(keyed.url + path, timeout=60)
+    assert r.status_code == 401, (path, r.status_code, r.text[:200])
+    assert r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.get(keyed.url + path, headers={"Authorization": "Bearer wrong"}, timeout=60)
+    assert r.status_code == 401
+    r = httpx.get(keyed.url + path, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == (404 if path in ("/docs", "/redoc", "/nowhere") else 200), (path, r.text[:200])
+    assert httpx.get(keyed.url + "/health", timeout=60).status_code == 200  # load balancers, probes
+
+
+def test_metrics_with_the_key_is_prometheus_text(keyed):
+    r = httpx.get(keyed.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 200 and "cla2_http_requests_total" in r.text
+    assert 'path="/metrics",status="401"' in r.text  # the refused scrapes are counted
+
+
+def test_without_a_key_metrics_and_the_schema_stay_open(server):
+    assert httpx.get(server.url + "/metrics", timeout=60).status_code == 200
+    assert httpx.get(server.url + "/openapi.json", timeout=60).status_code == 200

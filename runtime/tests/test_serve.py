@@ -439,7 +439,7 @@ def wait_for(cond, timeout: float = 10) -> bool:
 def cancelled_count(server) -> float:
     """cla2_requests_total{endpoint="completions",outcome="cancelled"} (0 before the first)."""
     key = 'cla2_requests_total{endpoint="completions",outcome="cancelled"} '
-    for line in httpx.get(server.url + "/metrics").text.splitlines():
+    for line in httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text.splitlines():
         if line.startswith(key):
             return float(line.split()[-1])
     return 0.0

@@ -97,6 +97,36 @@ class _Sampling(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    # OpenAI fields this server does not implement: declared (as anything) so that they are refused by
+    # ``unsupported`` rather than dropped with the other unknown fields, as extra="ignore" would.
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    logit_bias: Any = None
+
+    def unsupported(self) -> APIError | None:
+        """The 400 for the first field that asks for what this server does not do, or None. The shapes
+        follow vLLM's protocol (vllm-project/vllm vllm/entrypoints/openai/protocol.py at 0052bed36509):
+        `tools` a list of {"type": "function", "function": {...}} and `tool_choice` "none", "auto",
+        "required" or a named function; `response_format` {"type": "text" | "json_object" | "json_schema",
+        ...}; `logit_bias` {token id: bias}. Whatever the value, only OpenAI's no-op forms are accepted:
+        no tools (`[]`, `tool_choice: "none"`), `response_format: {"type": "text"}` (the default), and
+        `logit_bias: {}`; anything else would be silently ignored, so it is refused."""
+        no_op = {"tools": [], "functions": [], "tool_choice": "none", "function_call": "none",
+                 "response_format": {"type": "text"}, "logit_bias": {}}
+        what = {"tools": "tool calls", "functions": "function calls (the legacy form of tools)",
+                "tool_choice": "tool calls", "function_call": "function calls (the legacy form of tools)",
+                "response_format": "structured output (JSON mode, JSON schemas)",
+                "logit_bias": "logit bias"}
+        for field, accepted in no_op.items():
+            value = getattr(self, field)
+            if value is not None and value != accepted:
+                return APIError(400, f"{field}: cla2 does not support {what[field]} yet: leave {field} out "
+                                     f"(only {json.dumps(accepted)}, which changes nothing, is accepted)",
+                                param=field, code="unsupported_parameter")
+        return None
 
     def params(self) -> SamplingParams:
         if self.n != 1:
@@ -348,6 +378,9 @@ def validated(state: ServerState, raw: bytes, cls: type[_Sampling]) -> _Sampling
         loc = [str(x) for x in first.get("loc", ())]
         raise APIError(400, f"invalid request: {'.'.join(loc)}: {first.get('msg')}",
                        param=loc[0] if loc else None) from None
+    refused = body.unsupported()
+    if refused is not None:
+        raise refused
     if body.model is not None and body.model != state.model_name:
         raise APIError(404, f"the model '{body.model}' does not exist: this server serves "
                             f"'{state.model_name}' (see GET /v1/models)", param="model",

@@ -88,12 +88,21 @@ class Metrics:
 
 # ---- the guard: what is refused before any handler runs, and the HTTP counter ------------------------
 
+def needs_key(path: str) -> bool:
+    """Whether a request to ``path`` must carry the API key (when the server has one). Everything does but
+    /health, which load balancers, HAProxy's check and k8s probes call without credentials (it tells whether
+    the model is loaded, nothing more), and the web chat, whose gradio login asks for the key itself. So
+    /metrics (Prometheus sends the key with its scrape config's `authorization`), /openapi.json and any
+    unknown path are refused without it: a 401, not a 404 that would map the routes for a stranger."""
+    return not (path == "/health" or path == "/chat" or path.startswith("/chat/"))
+
+
 def refusal(scope, state: ServerState, api_key: str | None, max_body_bytes: int) -> APIError | None:
     """Why the request is refused before any handler runs, or None."""
     path, method = scope["path"], scope["method"]
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
     api = path.startswith("/v1/")
-    if api and api_key is not None:
+    if api_key is not None and needs_key(path):
         auth = headers.get("authorization", "")
         given = auth[7:] if auth.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(given.encode(), api_key.encode()):
