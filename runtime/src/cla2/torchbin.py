@@ -16,6 +16,15 @@ torch 2.1, whose ``weights_only=True`` is bypassable. This module never runs the
   elements. Each tensor is pickled as a call of ``torch._utils._rebuild_tensor_v2(storage, storage_offset,
   size, stride, requires_grad, backward_hooks[, metadata])`` (torch/_utils.py), offsets and strides in
   elements; a Parameter wraps that in ``torch._utils._rebuild_parameter(data, requires_grad, backward_hooks)``.
+- Nothing of the zip is trusted before it is measured (``_check_members``, ``_scan_pickle``): the members'
+  compressed sizes must fit in the file (no overlapping members), compressed members may unpack to at most
+  ``MAX_RATIO`` times their size (torch.save writes none compressed), ``data.pkl`` is at most
+  ``MAX_PICKLE_BYTES``; its opcode stream is walked with ``pickletools.genops`` (which builds nothing) before
+  it is unpickled: at most ``MAX_OPS`` opcodes, no sets, memo indices no larger than the opcodes before them (the C
+  unpickler allocates for the largest index it is given), objects nested at most ``MAX_DEPTH`` deep (hashing
+  a tuple nested 200,000 deep overflows the C stack: a segfault no ``except`` catches) and BUILD only on an
+  ``OrderedDict`` (the state dict's ``_metadata``). A state dict pickles to about 35 opcodes and 100 bytes
+  a tensor, nested 8 deep.
 - Unpickling goes through ``RestrictedUnpickler``: ``find_class`` hands out stand-ins for exactly those
   globals plus ``collections.OrderedDict`` and refuses any other global before it could be called (a
   ``__reduce__`` naming ``os.system`` fails with the class named). ``persistent_load`` returns a lazy
@@ -37,9 +46,11 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import hashlib
+import io
 import json
 import os
 import pickle
+import pickletools
 import re
 import shutil
 import struct
@@ -63,6 +74,14 @@ STORAGES: dict[str, tuple[str, int]] = {
 
 class TorchBinError(ValueError):
     """A .bin file that cannot be converted safely, or a model folder that is incomplete."""
+
+
+# Bounds on what a .bin file may make us build before it is unpickled (see _check_members, _scan_pickle).
+MAX_DEPTH = 100  # a state dict nests 8 levels (dict > Parameter > tensor > args > storage id)
+MAX_OPS = 2_000_000  # ~57,000 tensors at ~35 opcodes each; at most ~250 bytes of memory an opcode
+MAX_PICKLE_BYTES = 64 << 20  # ~100 bytes a tensor
+MAX_RATIO = 20  # compressed members' unpacked / packed bytes (floats deflate ~1.1x; torch.save stores)
+_NOT_OURS = "not a checkpoint cla2 reads: re-download it, or get the model as safetensors"
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -183,6 +202,131 @@ class RestrictedUnpickler(pickle.Unpickler):
         return StorageRef(entry, dtype, itemsize, int(numel))
 
 
+def _check_members(path: Path, infos: list[zipfile.ZipInfo]) -> None:
+    """Refuse a zip whose members could unpack to far more than the file holds, before any is read."""
+    size = path.stat().st_size
+    packed = sum(i.compress_size for i in infos)
+    if packed > size:
+        raise TorchBinError(f"{path}: its zip members declare {packed} compressed bytes, more than the file's "
+                            f"{size}: overlapping members (a zip bomb) or a damaged file; {_NOT_OURS}")
+    for i in infos:
+        if i.compress_type == zipfile.ZIP_STORED and i.file_size != i.compress_size:
+            raise TorchBinError(f"{path} is damaged: stored member {i.filename} declares {i.file_size} bytes "
+                                f"in {i.compress_size}: re-download it")
+    squeezed = [i for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    unpacked, packed = sum(i.file_size for i in squeezed), sum(i.compress_size for i in squeezed)
+    if unpacked > MAX_RATIO * packed + (1 << 20):
+        raise TorchBinError(f"{path}: its compressed zip members unpack to {unpacked} bytes from {packed} "
+                            f"(ratio {unpacked / max(packed, 1):.0f}, at most {MAX_RATIO} accepted; torch.save "
+                            f"compresses nothing): a zip bomb, {_NOT_OURS}")
+
+
+_MEMO_PUT = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
+_MEMO_GET = {"GET", "BINGET", "LONG_BINGET"}
+_ADD_TO = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}  # change the object below them
+_SETS = {"EMPTY_SET", "ADDITEMS", "FROZENSET"}  # 235 bytes for a 1-byte opcode; never in a state dict
+_STRINGS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"}
+
+
+def _depth(item) -> int:
+    return item if type(item) is int else item[0]
+
+
+def _tag(item) -> str | None:
+    return None if type(item) is int else item[1]
+
+
+def _scan_pickle(raw: bytes, path: Path) -> None:
+    """Walk the opcodes of a data.pkl without building anything (``pickletools.genops``), with a stack of
+    nesting depths in place of objects, and refuse a pickle that would be expensive or dangerous to load.
+
+    A stack item is its depth (1 for a scalar, 1 + its deepest part for what is built from parts), or
+    (depth, tag) for the few objects whose kind matters: the ``collections.OrderedDict`` class ("OD"), an
+    instance made by calling it ("od") and short strings (for STACK_GLOBAL). A container filled after it was
+    stored in another keeps its old depth there; only lists, dicts and sets are filled so, and none is
+    hashable, so the depth of anything hashed (a dict key, a set item) is exact or more."""
+    stack: list = []
+    metastack: list = []
+    memo: dict = {}
+    ops = deepest = 0
+    try:
+        for op, arg, pos in pickletools.genops(raw):
+            ops += 1
+            if ops > MAX_OPS:
+                raise TorchBinError(f"{path}: its pickle runs more than {MAX_OPS} opcodes (a state dict needs "
+                                    f"about 35 a tensor): a pickle bomb, {_NOT_OURS}")
+            name = op.name
+            if name in _SETS:
+                raise TorchBinError(f"not plain tensors: refusing to load {path}: its pickle builds a set, which a "
+                                    "state dict never holds")
+            if name == "MARK":
+                metastack.append(stack)
+                stack = []
+            elif name in _MEMO_PUT:
+                idx = len(memo) if name == "MEMOIZE" else int(arg)
+                if not 0 <= idx <= ops:
+                    raise TorchBinError(f"{path}: its pickle stores an object under memo index {idx} after {ops} "
+                                        f"opcodes (the unpickler would allocate room for {idx} objects): a "
+                                        f"memory bomb, {_NOT_OURS}")
+                memo[idx] = stack[-1]
+            elif name in _MEMO_GET:
+                stack.append(memo[int(arg)])
+            elif name == "DUP":
+                stack.append(stack[-1])
+            elif name == "POP":
+                if stack:
+                    stack.pop()
+                else:
+                    stack = metastack.pop()
+            elif name == "POP_MARK":
+                stack = metastack.pop()
+            elif name == "FRAME":
+                if arg > len(raw) - pos:
+                    raise TorchBinError(f"{path} is damaged: its pickle declares a frame of {arg} bytes, more "
+                                        "than it holds: re-download it")
+            elif name in ("PROTO", "STOP"):
+                pass
+            else:
+                before = op.stack_before
+                if pickletools.markobject in before:
+                    popped, stack = stack, metastack.pop()
+                else:
+                    n = len(before)
+                    if len(stack) < n:
+                        raise IndexError("stack underflow")
+                    popped = stack[len(stack) - n:]
+                    del stack[len(stack) - n:]
+                if name in _ADD_TO:
+                    target = stack.pop() if name in ("APPENDS", "SETITEMS", "ADDITEMS") else popped.pop(0)
+                    if name == "BUILD" and _tag(target) != "od":
+                        raise TorchBinError(f"not plain tensors: refusing to load {path}: its pickle sets the "
+                                            "state of an object other than an OrderedDict, which a state dict "
+                                            "never does")
+                    depth = max(_depth(target), 1 + max(map(_depth, popped), default=0))
+                    stack.append(depth if _tag(target) is None else (depth, _tag(target)))
+                else:
+                    depth = 1 + max(map(_depth, popped), default=0)
+                    tag = None
+                    if name == "GLOBAL" and arg == "collections OrderedDict":
+                        tag = "OD"
+                    elif name == "STACK_GLOBAL" and [_tag(x) for x in popped] == ["s:collections", "s:OrderedDict"]:
+                        tag = "OD"
+                    elif name in ("REDUCE", "NEWOBJ") and _tag(popped[0]) == "OD":
+                        tag = "od"
+                    elif name in _STRINGS and isinstance(arg, str) and len(arg) <= 64:
+                        tag = "s:" + arg
+                    stack.extend([depth if tag is None else (depth, tag)] * len(op.stack_after))
+                deepest = max(deepest, depth)
+    except TorchBinError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (genops raises ValueError; a stack or memo misuse IndexError, KeyError)
+        raise TorchBinError(f"{path} is damaged: its data.pkl is not a valid pickle ({type(exc).__name__}: "
+                            f"{exc}): re-download it") from None
+    if deepest > MAX_DEPTH:
+        raise TorchBinError(f"{path}: its pickle nests objects {deepest} deep; a PyTorch checkpoint nests a few "
+                            f"levels (cla2 reads at most {MAX_DEPTH}): {_NOT_OURS}")
+
+
 def read_index(path: Path) -> dict[str, TensorEntry]:
     """The tensors of a torch.save zip file, by name, with shapes, dtypes and where their bytes are; no
     tensor data is read and no code of the file runs."""
@@ -196,22 +340,31 @@ def read_index(path: Path) -> dict[str, TensorEntry]:
                                 "re-save it with torch >= 2.6 (safetensors), or get the model as safetensors")
         raise TorchBinError(f"{path} is not a PyTorch weights file (not a zip): re-download it")
     with zipfile.ZipFile(path) as zf:
+        _check_members(path, zf.infolist())
         infos = {i.filename: i for i in zf.infolist()}
         pkls = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pkls) != 1:
             raise TorchBinError(f"{path} is not a torch.save file (no single <archive>/data.pkl): re-download it")
         prefix = pkls[0][: -len("data.pkl")]
         order = infos.get(prefix + "byteorder")
-        if order is not None and zf.read(order).strip() != b"little":
-            raise TorchBinError(f"{path} was saved on a big-endian machine: re-save it on a little-endian one")
+        if order is not None:
+            with zf.open(order) as fh:
+                if fh.read(16).strip() != b"little":
+                    raise TorchBinError(f"{path} was saved on a big-endian machine: re-save it on a little-endian one")
+        if infos[pkls[0]].file_size > MAX_PICKLE_BYTES:
+            raise TorchBinError(f"{path}: its data.pkl is {infos[pkls[0]].file_size} bytes (a state dict "
+                                f"pickles to about 100 bytes a tensor; cla2 reads at most {MAX_PICKLE_BYTES}): "
+                                f"{_NOT_OURS}")
         with zf.open(pkls[0]) as fh:
-            try:
-                obj = RestrictedUnpickler(fh, path, prefix, infos).load()
-            except TorchBinError:
-                raise
-            except Exception as exc:  # noqa: BLE001  (a damaged pickle raises many kinds)
-                raise TorchBinError(f"{path}: its data.pkl could not be read ({type(exc).__name__}: {exc}): "
-                                    "re-download it") from None
+            raw = fh.read(MAX_PICKLE_BYTES + 1)
+        _scan_pickle(raw, path)
+        try:
+            obj = RestrictedUnpickler(io.BytesIO(raw), path, prefix, infos).load()
+        except TorchBinError:
+            raise
+        except Exception as exc:  # noqa: BLE001  (a damaged pickle raises many kinds)
+            raise TorchBinError(f"{path}: its data.pkl could not be read ({type(exc).__name__}: {exc}): "
+                                "re-download it") from None
     if not isinstance(obj, dict):
         raise TorchBinError(f"not plain tensors: refusing to load {path}: it holds a {type(obj).__name__}, "
                             "not a state dict of tensors")
@@ -224,6 +377,9 @@ def read_index(path: Path) -> dict[str, TensorEntry]:
         last = e.offset + sum((s - 1) * st for s, st in zip(e.shape, e.stride))  # noqa: B905  (python 3.9)
         if e.numel and (last >= e.storage.numel or min(e.stride, default=0) < 0):
             raise TorchBinError(f"{path} is damaged: tensor {name} reaches past its storage: re-download it")
+        if e.numel > e.storage.numel:
+            raise TorchBinError(f"{path}: tensor {name} has {e.numel} elements in a storage of {e.storage.numel} "
+                                f"(its elements overlap, as an expand()ed view's do; a weight never does): {_NOT_OURS}")
         out[name] = e
     return out
 
