@@ -209,3 +209,82 @@ def test_module_utils_is_the_runtime_file():
     link = ROOT / "plugins" / "module_utils" / "cla2_torchbin.py"
     assert link.is_symlink()
     assert link.resolve() == (ROOT / "runtime" / "src" / "cla2" / "torchbin.py").resolve()
+
+
+def nested_bomb(path: Path) -> None:
+    """A 200 KB torch.save-shaped zip whose pickle is a dict keyed by a tuple nested 200,000 deep (TUPLE1
+    repeated): unpickling it hashes the key, which recursed in C until the process died (SIGSEGV)."""
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", b"\x80\x02}N" + b"\x85" * 200_000 + b"Ns.")
+        zf.writestr("archive/byteorder", "little")
+
+
+def run_module(tmp_path: Path, folder: Path) -> dict:
+    """cla2.mlu.cla2_convert on ``folder`` as a play task; the result it registered (JSON, as Ansible got it)."""
+    result = tmp_path / "result.json"
+    play = tmp_path / "module.yml"
+    play.write_text(yaml.safe_dump([{"hosts": "all", "gather_facts": False, "tasks": [
+        {"name": "Convert", "cla2.mlu.cla2_convert": {"path": str(folder)}, "register": "out",
+         "ignore_errors": True},
+        {"name": "Keep the result", "ansible.builtin.copy": {"content": "{{ out | to_json }}", "dest": str(result)}},
+    ]}], sort_keys=False))
+    res = ansible_playbook(play, inventory="127.0.0.1,")
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    return json.loads(result.read_text())
+
+
+@pytest.mark.parametrize("bomb", ["nested", "memo", "zip"])
+def test_pickle_and_zip_bombs_fail_the_module_with_json_not_a_crash(tmp_path, bomb):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    path = folder / "pytorch_model.bin"
+    if bomb == "nested":
+        nested_bomb(path)
+        expect = "nests objects 200002 deep; a PyTorch checkpoint nests a few levels"
+    elif bomb == "memo":  # LONG_BINPUT 49,000,000: the C unpickler's memo grows to 784 MB
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("archive/data.pkl", b"\x80\x02}r" + struct.pack("<I", 49_000_000) + b".")
+        expect = "memo index 49000000"
+    else:  # 400 MB of byteorder deflated to ~400 KB
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("archive/data.pkl", pickle.dumps({}, protocol=2))
+            zf.writestr("archive/byteorder", b"little" + b" " * (400 << 20))
+        expect = "a zip bomb"
+    out = run_module(tmp_path, folder)
+    assert out["failed"] is True and "module_stderr" not in out and "rc" not in out, out
+    assert expect in out["msg"] and str(path) in out["msg"], out["msg"]
+    assert out["msg"].startswith(f"model_weights: {folder}: converting its .bin weights to safetensors: ")
+    assert not list(folder.glob("*.safetensors"))
+
+
+@pytest.fixture
+def module_code(monkeypatch):
+    """plugins/modules/cla2_convert.py imported as the collection's module (the kit's collections/ link)."""
+    monkeypatch.syspath_prepend(str(ROOT / "collections"))
+    import importlib
+
+    return importlib.import_module("ansible_collections.cla2.mlu.plugins.modules.cla2_convert")
+
+
+def test_a_converter_that_crashes_or_raises_still_gets_an_answer(module_code):
+    """What a file does to the reader (any exception, a segfault, the OOM killer) stays in the forked child."""
+    import faulthandler
+    import signal
+
+    assert module_code.isolated(lambda a, b=0: {"sum": a + b}, 2, b=3) == ({"sum": 5}, None)
+    was = faulthandler.is_enabled()
+    faulthandler.disable()  # pytest's: it would print the child's stack on the deliberate SIGSEGV
+    try:
+        result, error = module_code.isolated(lambda: os.kill(os.getpid(), signal.SIGSEGV))
+    finally:
+        if was:
+            faulthandler.enable()
+    assert result is None and error.startswith("the converter was killed by SIGSEGV while reading the files")
+    result, error = module_code.isolated(lambda: os.kill(os.getpid(), signal.SIGKILL))
+    assert "killed by SIGKILL (out of memory?)" in error
+
+    def exhausted():
+        raise MemoryError("no room")
+
+    assert module_code.isolated(exhausted) == (None, "MemoryError: no room")
+    assert module_code.isolated(lambda: os._exit(3)) == (None, "the converter exited with status 3 and no result")
