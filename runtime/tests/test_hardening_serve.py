@@ -8,6 +8,7 @@ import json
 import logging
 import socket
 import threading
+import time
 
 import httpx
 import pytest
@@ -348,3 +349,186 @@ def test_metrics_with_the_key_is_prometheus_text(keyed):
 def test_without_a_key_metrics_and_the_schema_stay_open(server):
     assert httpx.get(server.url + "/metrics", timeout=60).status_code == 200
     assert httpx.get(server.url + "/openapi.json", timeout=60).status_code == 200
+
+
+# ---- row 2: every connection is bounded: its request head, its body, its idle time, and their number ----
+
+def _closed(sock: socket.socket, limit: float = 30) -> tuple[bytes, bool]:
+    """Read until the server closes ``sock`` or ``limit`` seconds pass: what it sent, and whether it closed."""
+    sock.settimeout(0.5)
+    got, deadline = b"", time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            return got, True
+        if not data:
+            return got, True
+        got += data
+    return got, False
+
+
+def trickle(port: int, head: bytes, limit: float = 30) -> tuple[bytes, bool]:
+    """Send ``head``, then one byte every 0.2 s (a slow client), until the server closes the connection or
+    ``limit`` seconds pass: what the server sent, and whether it closed the connection."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.settimeout(0.2)
+    got, deadline = b"", time.monotonic() + limit
+    try:
+        sock.sendall(head)
+        while time.monotonic() < deadline:
+            try:
+                data = sock.recv(65536)
+                if not data:
+                    return got, True
+                got += data
+            except TimeoutError:
+                pass
+            sock.sendall(b"x")
+        return got, False
+    except OSError:  # reset, broken pipe: closed by the server
+        return got, True
+    finally:
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def limited(engine):
+    """A keyless server with short limits (1 s for a request head or body, 1 s of keep-alive, 4 KiB of
+    headers, 20 connections); the tests wait up to 30 s for what must happen within them."""
+    from cla2.serve import Limits
+
+    limits = Limits(header_timeout=1, body_timeout=1, keep_alive_timeout=1, max_connections=20,
+                    max_header_bytes=4096)
+    s = Server(create_app(engine, web=False, body_timeout=limits.body_timeout), limits=limits)
+    yield s
+    s.stop()
+
+
+def test_a_slow_body_is_answered_408_and_closed(limited):
+    before = http_statuses(limited.url, "/v1/completions").get("408", 0)
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n" + b'{"prompt": "')
+    got, closed = trickle(limited.port, head)
+    assert closed, f"a body sent at 5 bytes a second kept its connection for 30 s (got {got[:200]!r})"
+    assert got.startswith(b"HTTP/1.1 408 "), got[:300]
+    body = json.loads(got.split(b"\r\n\r\n", 1)[1])
+    assert body["error"]["code"] == "request_timeout" and "--body-timeout" in body["error"]["message"]
+    assert wait_for(lambda: http_statuses(limited.url, "/v1/completions").get("408", 0) == before + 1, 30)
+
+
+def test_a_slow_body_to_a_route_that_does_not_read_it_is_closed(limited):
+    head = (b"POST /v1/models HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n")
+    got, closed = trickle(limited.port, head)
+    assert got.startswith(b"HTTP/1.1 405 "), got[:300]  # answered at once, without reading the body
+    assert closed, "the rest of the body, sent slowly, kept the connection for 30 s"
+
+
+def test_a_slow_request_head_is_answered_408_and_closed(limited):
+    got, closed = trickle(limited.port, b"GET /health HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+    assert closed, f"a request head sent at 5 bytes a second kept its connection for 30 s (got {got[:200]!r})"
+    assert got.startswith(b"HTTP/1.1 408 "), got[:300]
+
+
+def test_a_connection_that_sends_nothing_is_closed(limited):
+    sock = socket.create_connection(("127.0.0.1", limited.port))
+    try:
+        got, closed = _closed(sock)
+    finally:
+        sock.close()
+    assert closed and got == b"", got
+
+
+def test_an_idle_keep_alive_connection_is_closed(limited):
+    sock = socket.create_connection(("127.0.0.1", limited.port))
+    try:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+        got, closed = _closed(sock)
+    finally:
+        sock.close()
+    assert got.startswith(b"HTTP/1.1 200 ") and closed, got[:300]
+
+
+def test_a_request_head_over_the_limit_is_refused(limited):
+    """8 KiB of a head still incomplete, against --max-header-bytes 4096 (h11 buffers at most that much of
+    an incomplete head): 400, closed, without waiting for the head timeout."""
+    sock = socket.create_connection(("127.0.0.1", limited.port))
+    try:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 8192)
+        got, closed = _closed(sock)
+    finally:
+        sock.close()
+    assert got.startswith(b"HTTP/1.1 400 ") and closed, got[:300]
+
+
+def test_half_open_connections_beyond_the_limit_do_not_starve_health(engine):
+    """100 connections that each send half a request head, against --max-connections 20 and a head
+    timeout of 60 s (so what frees the room is the limit, not the timeout): the oldest half-open ones are
+    closed as new ones come, and a new client gets /health."""
+    from cla2.serve import Limits
+
+    s = Server(create_app(engine, web=False), limits=Limits(header_timeout=60, max_connections=20))
+    socks = []
+    try:
+        for _ in range(100):
+            sock = socket.create_connection(("127.0.0.1", s.port))
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: a\r\n")
+            socks.append(sock)
+        r = httpx.get(s.url + "/health", timeout=30)
+        assert r.status_code == 200, r.text
+        assert len(s.server.server_state.connections) <= 20
+        got, closed = _closed(socks[0])
+        assert closed and got == b"", "the oldest half-open connection was kept"
+        # a request in flight is not one the limit closes
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200
+    finally:
+        for sock in socks:
+            sock.close()
+        s.stop()
+
+
+def test_cli_serve_keeps_health_under_a_flood_of_half_open_connections(tiny_model):
+    """`cla2 serve` with 256 open files at most (as the issue measured), 400 half-open connections: /health
+    still answers a new client (without the limit, accept() failed with 'Too many open files' for good)."""
+    import resource
+    import subprocess
+    import sys
+
+    from test_serve import free_port
+
+    def low_nofile():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cla2", "serve", "--model", str(tiny_model), "--port", str(port),
+                             "--no-web", "--device", "cpu"], preexec_fn=low_nofile,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    socks = []
+    try:
+        def ready():
+            try:
+                return httpx.get(url + "/health", timeout=5).json()["status"] == "ok"
+            except (httpx.TransportError, ValueError):
+                return False
+
+        assert wait_for(ready, 120), "cla2 serve did not come up"
+        for _ in range(400):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: a\r\n")
+            socks.append(sock)
+        assert wait_for(ready, 60), "/health did not answer with 400 half-open connections open"
+    finally:
+        for sock in socks:
+            sock.close()
+        proc.terminate()
+        try:
+            out = proc.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out = proc.communicate()[0]
+    assert "Traceback" not in out, out[-3000:]

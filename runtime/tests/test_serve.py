@@ -26,11 +26,16 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, app):
+    """``app`` served by uvicorn in a thread, with the connection limits ``cla2 serve`` sets (its defaults,
+    or ``limits``)."""
+
+    def __init__(self, app, limits=None):
         import uvicorn
 
+        from cla2.serve import Limits, uvicorn_config
+
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", self.port, limits or Limits(), "warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30

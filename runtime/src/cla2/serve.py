@@ -10,7 +10,9 @@ invalid value is an OpenAI-style 400 (a lone surrogate in a string too), the JSO
 tokenised in worker threads (the event loop, and so /health, never waits on them), a full waiting queue
 answers 429 with Retry-After, a client that goes away cancels its request (streaming or not; a queued one
 leaves the queue at once), a client that goes away while it sends its body is a 499 (no traceback, no
-5xx), SSE event lines hold no line separator, and metric labels come from an allow-list.
+5xx), SSE event lines hold no line separator, and metric labels come from an allow-list. Each connection
+is bounded (``Limits``, ``bounded_protocol``): the time its request head and body take to arrive (408), its
+idle time, their number (idle ones give way to new clients), and with a key every route but /health needs it.
 
 Where each part lives: this module builds the app (``create_app``: the state, the guard middleware that
 refuses before any handler runs and counts every response, /health, /metrics, the web chat's mount) and
@@ -20,12 +22,16 @@ handlers, which get the server's state as a FastAPI dependency; :mod:`cla2.loadi
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
+import json
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
@@ -45,6 +51,23 @@ DEFAULT_MAX_BODY_BYTES = 2_000_000
 # requests over `--max-concurrent-requests`, 128 by default, "instead of having them wait for too long",
 # with 429 "Model is overloaded"; the OpenAI client retries a 429 after the Retry-After it is given).
 DEFAULT_MAX_WAITING = 64
+# Connection limits (see ``Limits``). A request head (its request line and headers) must arrive within
+# this, as HAProxy's `timeout http-request` (30 s in the role) and nginx's `client_header_timeout` (60 s)
+# ask; a request's body within DEFAULT_BODY_TIMEOUT of its head (2 MB at 70 kB/s).
+DEFAULT_HEADER_TIMEOUT = 10.0
+DEFAULT_BODY_TIMEOUT = 30.0
+# uvicorn's own default for an idle keep-alive connection
+DEFAULT_KEEP_ALIVE_TIMEOUT = 5.0
+# Connections open at once (fewer when the open-files limit leaves no room for them: see connection_limit)
+DEFAULT_MAX_CONNECTIONS = 1024
+# Open files kept free of connections: the model's files, the log, the loader, gradio's, the pool's.
+FILES_KEPT = 64
+# uvicorn's listen backlog, which asyncio also takes as the number of connections it accepts in one turn of
+# the loop, before any of them is seen by the protocol (and so by the connection limit): at most this many
+# (uvicorn's default), fewer when open files are scarce (see connection_limit).
+DEFAULT_BACKLOG = 2048
+# h11's own default for a request head
+DEFAULT_MAX_HEADER_BYTES = 16384
 # The only values of the `path` label of cla2_http_requests_total (a fixed set, as Prometheus' advice on
 # label cardinality asks, and as vLLM / TGI label by route template, never by raw URL); anything else
 # is "other", and the web chat's many asset paths are not counted.
@@ -130,16 +153,51 @@ def refusal(scope, state: ServerState, api_key: str | None, max_body_bytes: int)
     return None
 
 
+def body_timeout_error(seconds: float) -> APIError:
+    return APIError(408, f"the request body was not complete within {seconds:g} s of its headers "
+                         "(cla2 serve --body-timeout): send it at once", code="request_timeout",
+                    headers={"Connection": "close"})
+
+
+def deadline_receive(receive, seconds: float):
+    """``receive`` with a deadline for the request's body: ``seconds`` from now (the request head has just
+    arrived), a handler still waiting for the rest of the body gets a 408 (and the connection is closed).
+    uvicorn has no such timeout (only one for idle keep-alive connections); a body that is never read
+    (the request was refused, or the route has none) is the connection's, closed by BoundedH11Protocol."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    complete = False
+
+    async def timed():
+        nonlocal complete
+        if complete:
+            return await receive()
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            raise body_timeout_error(seconds) from None
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            complete = True
+        return message
+
+    return timed
+
+
 class Guard:
     """Pure ASGI (no BaseHTTPMiddleware: it would stand between a handler and the client's disconnect):
-    refuses what ``refusal`` says, and counts every response under an allow-listed path label."""
+    refuses what ``refusal`` says, bounds the time a body takes to arrive, and counts every response under
+    an allow-listed path label."""
 
-    def __init__(self, app, state: ServerState, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app, state: ServerState, api_key: str | None, max_body_bytes: int,
+                 body_timeout: float | None = None):
         self.app, self.state, self.api_key, self.max_body_bytes = app, state, api_key, max_body_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.body_timeout is not None:
+            receive = deadline_receive(receive, self.body_timeout)
         path = scope["path"]
         status = [500]  # what an exception becomes (ServerErrorMiddleware, outside this one)
 
@@ -217,10 +275,12 @@ async def prometheus(state: State):
 
 def create_app(engine: Engine | None = None, model_name: str | None = None, api_key: str | None = None,
                web: bool = True, loader=None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               web_concurrency: int = 8) -> FastAPI:
+               web_concurrency: int = 8, body_timeout: float | None = DEFAULT_BODY_TIMEOUT) -> FastAPI:
     """The FastAPI app. Pass a ready ``engine``, or a ``loader()`` that returns one: it runs in a thread
     once the server is up, and /health reports its progress. ``max_body_bytes``: larger bodies get 413.
     ``web_concurrency``: web chat answers generated at once (the others wait in gradio's queue).
+    ``body_timeout``: a handler still waiting for its body this long after the request began gets 408
+    (None: no limit); the other connection limits are the server's (``uvicorn_config``).
 
     The OpenAI routes are :mod:`cla2.api`'s; they get the state built here as a dependency."""
     from contextlib import asynccontextmanager
@@ -246,7 +306,8 @@ def create_app(engine: Engine | None = None, model_name: str | None = None, api_
     app = FastAPI(title="cla2", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.cla2 = state
     app.state.metrics = metrics
-    app.add_middleware(Guard, state=state, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(Guard, state=state, api_key=api_key, max_body_bytes=max_body_bytes,
+                       body_timeout=body_timeout)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(404, _not_found)
     app.add_exception_handler(405, _not_allowed)
@@ -280,6 +341,203 @@ def _load(state: ServerState, loader) -> None:
         state.status, state.error = "error", f"{type(exc).__name__}: {exc}"
 
 
+# ---- the connections: what uvicorn bounds, and what it does not ------------------------------------------
+
+@dataclass(frozen=True)
+class Limits:
+    """How long and how many: see ``cla2 serve --help`` (each field is the flag of the same name)."""
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    backlog: int = DEFAULT_BACKLOG
+
+
+def _timeout_answer(what: str, seconds: float, flag: str) -> bytes:
+    body = json.dumps(APIError(408, f"the request {what} was not complete within {seconds:g} s "
+                                    f"(cla2 serve {flag})", code="request_timeout").body).encode()
+    return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+def bounded_protocol(limits: Limits):
+    """uvicorn's h11 protocol with what uvicorn leaves open. uvicorn bounds an idle keep-alive connection
+    (``timeout_keep_alive``), the size of a request head (``h11_max_incomplete_event_size``) and the
+    connections plus requests at once (``limit_concurrency``, then 503), but not the time a request head
+    or body takes to arrive: a connection that sends half a head (or nothing), or a byte a second, is held
+    for ever, and any byte it sends cancels the keep-alive timer. And ``limit_concurrency`` counts such
+    connections too, so they would make every new client's request (/health's too) a 503. So:
+
+    - a request head must be complete within ``header_timeout`` of the connection's opening or of its first
+      byte after a keep-alive wait, else 408 (or, when it sent nothing, the connection is closed);
+    - a body not complete within ``body_timeout`` of its head: the Guard answers 408 while a handler waits
+      for it (``deadline_receive``); here the connection is closed when it is still coming after the
+      response (a refused request, a route that reads no body) or when no response came in the grace;
+    - at ``max_connections`` open, a new connection closes the oldest one that has no request in flight
+      (half-open, or idle between requests), so idle connections cannot starve new clients (nginx reuses
+      its idle keep-alive connections the same way when worker_connections run out); only when every
+      connection has a request in flight does the new one get uvicorn's 503.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    grace = max(limits.body_timeout, 1.0)
+    warned = [0.0]
+
+    class BoundedH11Protocol(H11Protocol):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._timer: asyncio.TimerHandle | None = None
+            self._phase: str | None = None  # "head" or "body": what the timer waits for
+            self._grace_used = False
+            self._opened = time.monotonic()
+
+        # -- the timer
+        def _arm(self, phase: str, seconds: float, callback) -> None:
+            self._disarm()
+            self._phase, self._timer = phase, self.loop.call_later(seconds, callback)
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer, self._phase = None, None
+
+        def _track(self) -> None:
+            """After h11 has read what arrived: the timer for what the connection waits for now."""
+            if self.transport.is_closing() or self.transport.get_protocol() is not self:  # gone, or a websocket
+                self._disarm()
+                return
+            state = self.conn.their_state
+            if state is h11.SEND_BODY:
+                if self._phase != "body":
+                    self._grace_used = False
+                    self._arm("body", limits.body_timeout, self._body_late)
+            elif state is not h11.IDLE:  # the request is in (or the connection ends)
+                self._disarm()
+
+        # -- uvicorn's protocol, with the timer
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._make_room()
+            self._arm("head", limits.header_timeout, self._head_late)
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self.conn.their_state is h11.IDLE and self._phase != "head":
+                self._arm("head", limits.header_timeout, self._head_late)  # the first byte after keep-alive
+            super().data_received(data)
+            self._track()
+
+        def on_response_complete(self) -> None:
+            # Answered before its body was all there (a refusal, a route that reads none), the body timer
+            # stays: the rest may come until the body's deadline, then the connection closes.
+            super().on_response_complete()
+            self._track()
+
+        # -- what the timer does
+        def _head_late(self) -> None:
+            self._timer = self._phase = None
+            if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+                return
+            if self.conn.trailing_data[0]:  # half a head
+                self.transport.write(_timeout_answer("head", limits.header_timeout, "--header-timeout"))
+            log.debug("closed a connection whose request head was not complete within %g s (--header-timeout)",
+                      limits.header_timeout)
+            self.transport.close()
+
+        def _body_late(self) -> None:
+            self._timer = self._phase = None
+            if self.transport.is_closing() or self.conn.their_state is not h11.SEND_BODY:
+                return
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_started and not self._grace_used:
+                # a handler reading the body answers 408 itself (deadline_receive): give it the time to
+                self._grace_used = True
+                self._phase, self._timer = "body", self.loop.call_later(grace, self._body_late)
+                return
+            if cycle is not None and cycle.response_started and not cycle.response_complete:
+                cycle.keep_alive = False  # close once the response is out
+                return
+            self.transport.close()
+
+        # -- the connection limit
+        def _idle(self) -> bool:
+            return ((self.cycle is None or self.cycle.response_complete) and self.conn.their_state is h11.IDLE
+                    and not self.transport.is_closing())
+
+        def _make_room(self) -> None:
+            while len(self.connections) > limits.max_connections:
+                idle = [c for c in self.connections
+                        if c is not self and isinstance(c, BoundedH11Protocol) and c._idle()]
+                if not idle:
+                    return  # every other connection has a request in flight: this one's gets uvicorn's 503
+                oldest = min(idle, key=lambda c: c._opened)
+                self.connections.discard(oldest)
+                oldest._disarm()
+                oldest.transport.close()
+                now = time.monotonic()
+                if now - warned[0] > 60:
+                    warned[0] = now
+                    log.warning("%d connections open (cla2 serve --max-connections): closing the oldest idle "
+                                "ones as new ones come (once a minute at most)", limits.max_connections)
+
+    return BoundedH11Protocol
+
+
+def connection_limit(requested: int | None) -> tuple[int, int]:
+    """``--max-connections`` and the listen backlog, so that the open files never run out. asyncio accepts
+    up to ``backlog`` connections in one turn of the loop before the protocol sees them, and when accept()
+    fails with "Too many open files" it goes on trying the rest of that turn and schedules one retry per
+    try (CPython 3.11's selector_events._accept_connection), each logging a traceback: a server that once
+    runs out of files drowns in its own retries and never serves /health again. So connections, up to four
+    turns of accepts and FILES_KEPT other files must fit in the open-files limit. The soft limit is raised
+    toward the hard one first (as Go's runtime does at start since 1.19); a limit given that still does not
+    fit is an error, the default shrinks to fit."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return requested or DEFAULT_MAX_CONNECTIONS, DEFAULT_BACKLOG
+    want = (requested or DEFAULT_MAX_CONNECTIONS) + FILES_KEPT + 4 * DEFAULT_BACKLOG
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    files = want if soft == resource.RLIM_INFINITY else soft
+    backlog = max(8, min(DEFAULT_BACKLOG, (files - FILES_KEPT) // 8))
+    room = files - FILES_KEPT - 4 * backlog
+    if requested is not None:
+        if requested > room:
+            raise ValueError(f"--max-connections {requested} needs about {requested + FILES_KEPT + 4 * backlog} "
+                             f"open files, and this process may open {soft} (ulimit -n; hard limit {hard}): raise "
+                             f"the limit (systemd: LimitNOFILE=) or lower --max-connections to {max(room, 1)}")
+        return requested, backlog
+    if room < 8:
+        raise ValueError(f"this process may open {soft} files (ulimit -n), too few to serve: raise the limit "
+                         f"to at least 256")
+    return min(DEFAULT_MAX_CONNECTIONS, room), backlog
+
+
+def uvicorn_config(app, host: str, port: int, limits: Limits = Limits(), log_level: str = "info"):
+    """uvicorn's Config for ``app`` with ``limits``: uvicorn's own settings where it has one, the protocol
+    above for the rest (h11: the only HTTP/1.1 parser in the kit's locks)."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=bounded_protocol(limits),
+                          timeout_keep_alive=limits.keep_alive_timeout,
+                          # one over: _make_room keeps at most max_connections open, so uvicorn's 503 comes
+                          # only when each of them has a request in flight
+                          limit_concurrency=limits.max_connections + 1,
+                          h11_max_incomplete_event_size=limits.max_header_bytes, backlog=limits.backlog)
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -305,6 +563,11 @@ def main(
     web: bool = True,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_waiting: int = DEFAULT_MAX_WAITING,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT,
+    max_connections: int | None = None,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     log_level: str = "info",
 ) -> None:
     """Serve the model over an OpenAI-compatible API (and a web chat at /chat).
@@ -331,9 +594,17 @@ def main(
         max_body_bytes: Largest request body accepted; a larger one gets 413.
         max_waiting: Requests that may wait for a batch slot once the batch is full; the next one gets 429
             with Retry-After (0: refuse as soon as the batch is full).
+        header_timeout: Seconds a request's head (request line and headers) may take to arrive, from the
+            connection's opening or its first byte after a keep-alive wait; then 408 and the connection closes.
+        body_timeout: Seconds a request's body may take to arrive after its head; then 408 and the connection
+            closes.
+        keep_alive_timeout: Seconds an idle connection is kept open between requests.
+        max_connections: Connections open at once (default: 1024, or fewer when the open-files limit, ulimit
+            -n, leaves less room). A new one closes the oldest idle or half-open one; when every one has a
+            request in flight, the new one gets 503.
+        max_header_bytes: Largest request head (request line and headers); a larger one gets 400.
         log_level: uvicorn's log level.
     """
-    import uvicorn
 
     api_key = api_key or os.environ.get("CLA2_API_KEY") or None
     if not is_loopback(host) and api_key is None:
@@ -355,6 +626,16 @@ def main(
 
     if max_body_bytes < 1 or max_waiting < 0:
         raise ValueError("--max-body-bytes must be at least 1 and --max-waiting at least 0")
+    if min(header_timeout, body_timeout, keep_alive_timeout) <= 0 or max_header_bytes < 1024:
+        raise ValueError("--header-timeout, --body-timeout and --keep-alive-timeout must be above 0 and "
+                         "--max-header-bytes at least 1024")
+    if max_connections is not None and max_connections < 1:
+        raise ValueError("--max-connections must be at least 1")
+    connections, backlog = connection_limit(max_connections)
+    limits = Limits(header_timeout=header_timeout, body_timeout=body_timeout, keep_alive_timeout=keep_alive_timeout,
+                    max_connections=connections, max_header_bytes=max_header_bytes, backlog=backlog)
     app = create_app(model_name=name, api_key=api_key, web=web, loader=loader, max_body_bytes=max_body_bytes,
-                     web_concurrency=max_batch_size or 8)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+                     web_concurrency=max_batch_size or 8, body_timeout=body_timeout)
+    import uvicorn
+
+    uvicorn.Server(uvicorn_config(app, host, port, limits, log_level)).run()
