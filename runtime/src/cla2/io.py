@@ -7,6 +7,7 @@ all of them, so a supervisor (or a person, months later) reads any job's record 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -64,16 +65,74 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path, missing_ok: bool = False) -> None:
     """fsync every file under ``folder`` and every folder (itself included), so a rename after it publishes
-    data that is on disk, not only in the page cache."""
+    data that is on disk, not only in the page cache. ``missing_ok``: a file or folder removed while walking
+    (another rank rotating checkpoints) is passed over."""
     folder = Path(folder)
     for root, _dirs, files in os.walk(folder, topdown=False):
         for name in files:
             p = Path(root) / name
             if not p.is_symlink():
-                fsync_path(p)
-        fsync_path(Path(root))
+                try:
+                    fsync_path(p)
+                except FileNotFoundError:
+                    if not missing_ok:
+                        raise
+        try:
+            fsync_path(Path(root))
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+
+
+# ------------------------------------------------------------------------------------- free space
+class NoSpaceError(OSError):
+    """The output does not fit the free space of its file system (errno ENOSPC); nothing was written."""
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]"
+        return str(self.strerror)
+
+
+def human(n: float) -> str:
+    """A byte count as people read it (decimal units: 12.3 MB)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def file_system(path: Path) -> tuple[Path, str]:
+    """The nearest existing folder at or above ``path``, and a description of the file system holding it
+    (its mount point, with its type where /proc/self/mounts says)."""
+    where = Path(os.path.abspath(path))
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    mount = os.path.realpath(where)
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    kind = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 2 and fields[1].replace("\\040", " ") == mount:
+                kind = fields[2] + " "  # the last entry for a mount point is the one on top
+    return where, f"the {kind}file system mounted at {mount}"
+
+
+def check_free_space(out: Path, needed: int, what: str) -> None:
+    """Refuse (NoSpaceError, before anything is written) when ``needed`` bytes do not fit the free space of
+    the file system ``out`` is to be written on; ``what`` says what they are."""
+    where, fs = file_system(out)
+    free = shutil.disk_usage(where).free
+    if needed <= free:
+        return
+    raise NoSpaceError(
+        errno.ENOSPC,
+        f"not enough free space for {out} in {where} ({fs}): it needs {human(needed)} ({needed} bytes: {what}), "
+        f"{human(free)} ({free} bytes) is free; nothing was written: free {human(needed - free)} there, "
+        "or choose another --out on a larger disk")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -337,9 +396,15 @@ def jsonable(v):
 def write_json(path: Path, data: dict) -> None:
     """``data`` as JSON in ``path``, through a temporary sibling and one rename (never half-written)."""
     path = Path(path)
+    text = json.dumps(data, indent=2, ensure_ascii=False, default=str)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(data, indent=2, ensure_ascii=False, default=str))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk (ENOSPC), a kill: no temporary file stays behind, ``path`` is as it was
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise

@@ -51,6 +51,30 @@ class SaveAtEnd(TrainerCallback):
         return control
 
 
+class SyncCheckpoints(TrainerCallback):
+    """fsyncs each checkpoint-N folder (its files, itself, and --out's entry for it) once the Trainer has saved
+    it, so a power loss after a save leaves that checkpoint whole (the Trainer itself never fsyncs); each rank
+    fsyncs what it sees, its own files among them. Keeps the step the Trainer is at: a save that fails is that
+    step's (see training.drop_half_checkpoint)."""
+
+    step: int | None = None
+
+    def on_step_end(self, args, state, control, **kw):
+        self.step = state.global_step
+
+    def on_save(self, args, state, control, **kw):
+        from pathlib import Path
+
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        from cla2 import io
+
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if folder.is_dir():
+            io.fsync_tree(folder, missing_ok=True)  # another rank may be rotating old checkpoints away
+            io.fsync_path(folder.parent)
+
+
 class StatusCallback(TrainerCallback):
     """Keeps the job's status file at the Trainer's step (of max_steps, counting on from a resumed checkpoint's
     step), with the last logged loss and the tokens/s since training began here. tokens/s is rank 0's count

@@ -19,12 +19,13 @@ ranks before saving, so the adapter is complete (the seed's ZeRO-3 runs saved em
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import errno
 import json
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +39,8 @@ from cla2.device import Device, parse_dtype, pick
 from cla2.io import (
     OutputExistsError,
     check_loadable,
+    file_system,
+    human,
     iso_time,
     jsonable,
     load_pretrained,
@@ -68,16 +71,146 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def last_checkpoint(out: Path) -> Path | None:
-    """The checkpoint-N folder with the highest N that holds a trainer_state.json (a complete save)."""
+def checkpoints(out: Path) -> list[Path]:
+    """The checkpoint-N folders of ``out``, newest (highest N) first."""
     if not out.is_dir():
-        return None
+        return []
     found = []
     for p in out.iterdir():
         m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and p.is_dir() and (p / "trainer_state.json").exists():
+        if m and p.is_dir():
             found.append((int(m.group(1)), p))
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    """The checkpoint-N folder with the highest N that holds a trainer_state.json (a save that got to its end;
+    :func:`checkpoint_problem` says whether its files are intact)."""
+    return next((p for p in checkpoints(out) if (p / "trainer_state.json").exists()), None)
+
+
+def _present(path: Path) -> str | None:
+    if not path.is_file():
+        return f"{path.name} is missing"
+    if path.stat().st_size == 0:
+        return f"{path.name} is empty (0 bytes)"
+    return None
+
+
+def _json_problem(path: Path, key: str | None = None) -> str | None:
+    if problem := _present(path):
+        return problem
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"{path.name} is not JSON (cut short?): {exc}"
+    if not isinstance(data, dict) or (key is not None and key not in data):
+        return f"{path.name} is not a {'JSON object' if key is None else 'record with ' + key}"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """The header of a safetensors file parses and its tensors end inside the file (reads no tensor data)."""
+    if problem := _present(path):
+        return problem
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            return f"{path.name} is cut short or not safetensors (a header of {n} bytes, the file has {size})"
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return f"{path.name}: its header is not JSON (cut short or overwritten)"
+    if not isinstance(header, dict):
+        return f"{path.name}: its header is not a JSON object"
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        return f"{path.name}: its header has a tensor without data_offsets"
+    if 8 + n + end > size:
+        return f"{path.name} is cut short: its tensors end at byte {8 + n + end}, the file has {size}"
+    return None
+
+
+def _torch_problem(path: Path) -> str | None:
+    """A torch.save file: its zip central directory reads, it holds a data.pkl, and its members lie inside the
+    file (reads no tensor data, runs no pickle)."""
+    import zipfile
+
+    if problem := _present(path):
+        return problem
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        return f"{path.name} is not a complete torch file (its zip directory does not read: {exc})"
+    if not any(i.filename.endswith("data.pkl") for i in infos):
+        return f"{path.name} is not a torch file (no data.pkl in it)"
+    if any(i.header_offset + i.compress_size > size for i in infos):
+        return f"{path.name} is cut short (a member ends past the file's {size} bytes)"
+    return None
+
+
+def checkpoint_problem(ckpt: Path, world_size: int = 1) -> str | None:
+    """What is wrong with a checkpoint-N folder, or None when every file the Trainer loads to resume from it
+    is there and reads at the header level: trainer_state.json parses; the adapter (adapter_config.json,
+    adapter_model.safetensors or .bin), optimizer.pt, scheduler.pt and each rank's rng_state are complete (a
+    safetensors header within the file; a torch zip's central directory), under DeepSpeed its global_step
+    folder's files (a DeepSpeed checkpoint is told by its ``latest`` file or global_step folder). What a power
+    loss leaves (an empty or cut-short file) is found here, not by torch.load."""
+    ckpt = Path(ckpt)
+    deepspeed = (ckpt / "latest").exists() or any(p.is_dir() for p in ckpt.glob("global_step*"))
+    problems = [_json_problem(ckpt / "trainer_state.json", "global_step")]
+    if problems[0] and "missing" in problems[0]:
+        return f"{problems[0]} (a save cut short)"
+    adapter_here = any((ckpt / f).exists() for f in ("adapter_config.json", "adapter_model.safetensors",
+                                                     "adapter_model.bin"))
+    if not deepspeed or adapter_here:  # DeepSpeed resumes the module from its own files
+        problems.append(_json_problem(ckpt / "adapter_config.json"))
+        bin_weights = ckpt / "adapter_model.bin"
+        problems.append(_torch_problem(bin_weights) if bin_weights.exists() and
+                        not (ckpt / "adapter_model.safetensors").exists()
+                        else _safetensors_problem(ckpt / "adapter_model.safetensors"))
+    if deepspeed:
+        latest = ckpt / "latest"
+        problems.append(_present(latest))
+        if latest.is_file() and latest.stat().st_size:
+            tag = ckpt / latest.read_text(errors="replace").strip()
+            files = sorted(tag.glob("*.pt")) if tag.is_dir() else []
+            problems.append(None if files else f"{tag.name}/ (named by latest) holds no .pt files")
+            problems += [_torch_problem(f) and f"{tag.name}/{_torch_problem(f)}" for f in files]
+        if (ckpt / "scheduler.pt").exists():
+            problems.append(_torch_problem(ckpt / "scheduler.pt"))
+    else:
+        problems += [_torch_problem(ckpt / "optimizer.pt"), _torch_problem(ckpt / "scheduler.pt")]
+    rng = ["rng_state.pth"] if world_size == 1 else [f"rng_state_{i}.pth" for i in range(world_size)]
+    problems += [_torch_problem(ckpt / f) for f in rng]
+    if (ckpt / "scaler.pt").exists():
+        problems.append(_torch_problem(ckpt / "scaler.pt"))
+    found = [p for p in problems if p]
+    return "; ".join(found) if found else None
+
+
+def resume_checkpoint(out: Path, world_size: int = 1) -> tuple[Path | None, list[dict]]:
+    """The newest intact checkpoint of ``out`` (:func:`checkpoint_problem`), and the newer ones passed over
+    ({"checkpoint", "problem"}). Refuses when checkpoints were saved (they have a trainer_state.json) but none is
+    intact: starting afresh would throw their training away unasked."""
+    skipped = []
+    for ckpt in checkpoints(out):
+        problem = checkpoint_problem(ckpt, world_size)
+        if problem is None:
+            return ckpt, skipped
+        skipped.append({"checkpoint": str(ckpt), "problem": problem})
+    if last_checkpoint(out) is not None:
+        listed = "; ".join(f"{Path(s['checkpoint']).name}: {s['problem']}" for s in skipped)
+        raise TrainingSetupError(
+            f"--resume in {out}: no intact checkpoint to resume from ({listed}). A power loss or a full disk "
+            "during a save leaves files like these: remove the checkpoint-* folders to start afresh with "
+            "--resume (their training is lost), or choose another --out")
+    return None, skipped
 
 
 def resolve_deepspeed(deepspeed: str | None) -> dict | None:
@@ -118,12 +251,13 @@ def check_vocab(tokenizer, tokenizer_dir: Path, model_dir: Path) -> int:
 
 
 def check_out(out: Path, job: str, resume: bool, overwrite: bool, settings: dict,
-              world_size: int = 1) -> Path | None:
-    """Apply the resume / overwrite rules; returns the checkpoint to resume from, or None."""
+              world_size: int = 1, skipped: list | None = None) -> Path | None:
+    """Apply the resume / overwrite rules; returns the checkpoint to resume from (the newest intact one), or
+    None. The newer checkpoints passed over are added to ``skipped`` ({"checkpoint", "problem"})."""
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output {out} exists and is not a folder: choose another --out")
     busy = out.is_dir() and any(out.iterdir())
-    ckpt = last_checkpoint(out) if resume else None
+    ckpt = last_checkpoint(out) if resume else None  # a saved one (intact or not), for the checks below
     previous = read(out / RUN_FILE) if busy else None
     if resume and previous is not None:
         if previous.get("job") != job:
@@ -139,6 +273,10 @@ def check_out(out: Path, job: str, resume: bool, overwrite: bool, settings: dict
             raise TrainingSetupError(
                 f"--resume in {out}: its checkpoints were written by {previous['world_size']} rank(s), this launch "
                 f"has {world_size}: resume with {previous['world_size']} ranks (devices x nodes), or choose another --out")
+    if resume:
+        ckpt, passed = resume_checkpoint(out, world_size)
+        if skipped is not None:
+            skipped += passed
     if resume and (ckpt is not None or previous is not None):
         return ckpt  # continue (or start afresh in our own folder when no checkpoint was saved yet)
     if busy and not overwrite:
@@ -255,6 +393,7 @@ class Prepared:
     dataset: object
     data_info: dict
     pad_id: int
+    resume_skipped: list[dict] = dataclasses.field(default_factory=list)
 
     @property
     def zero3(self) -> bool:
@@ -285,21 +424,72 @@ def run(*, job: str, model: Path, out: Path, tokenizer: Path | None, train: Trai
         dtype=str(prep.torch_dtype).replace("torch.", ""), world_size=prep.world_size, deepspeed=prep.ds_config,
         data=prep.data_info, resumed_from=str(prep.resume_from) if prep.resume_from else None,
         plan=prep.placement.to_json(), tensorboard=str(logging_dir.resolve()) if "tensorboard" in training_args.report_to else None)
+    record["resume_skipped"] = prep.resume_skipped
     if prep.rank == 0:
         prep.out.mkdir(parents=True, exist_ok=True)
+        set_aside(prep)
         write(prep.out / RUN_FILE, record)
+    from cla2.trainer import SyncCheckpoints
+
+    sync = SyncCheckpoints()
     try:
-        trainer, result, seconds = fit(prep, training_args, peft_model, logging_dir, group_by_length, callbacks)
+        trainer, result, seconds = fit(prep, training_args, peft_model, logging_dir, group_by_length,
+                                       [sync, *(callbacks or [])])
         return save(prep, record, trainer, result, seconds)
     except BaseException as exc:
         if prep.rank == 0:
+            error = status.error_message(exc) + _disk_hint(exc, prep.out)
+            drop_half_checkpoint(prep.out, sync.step, prep.world_size)  # frees what a full disk needs for run.json
             ended = time.time()
-            record.update(outcome="failed", error=status.error_message(exc), ended=iso_time(ended),
-                          seconds=round(ended - began, 2))
+            record.update(outcome="failed", error=error, ended=iso_time(ended), seconds=round(ended - began, 2))
             with_old_names(record)
-            with contextlib.suppress(OSError):
+            try:
                 write(prep.out / RUN_FILE, record)
+            except OSError as why:
+                print(f"cla2: could not record the failure in {prep.out / RUN_FILE} ({why}): {error}",
+                      file=sys.stderr, flush=True)
         raise
+
+
+def set_aside(prep: Prepared) -> None:
+    """Move the checkpoints --resume passed over (newer than the one it resumes from, and broken) to
+    ``broken-checkpoint-N``, out of the Trainer's way (its rotation counts every checkpoint-* folder, and would
+    keep a broken newest one over the good ones to come), saying what was wrong with each."""
+    for s in prep.resume_skipped:
+        ckpt = Path(s["checkpoint"])
+        aside = ckpt.with_name(f"broken-{ckpt.name}")
+        if aside.exists():
+            shutil.rmtree(aside)
+        ckpt.rename(aside)
+        s["moved_to"] = str(aside)
+        then = f"resuming from {prep.resume_from}" if prep.resume_from else "starting afresh"
+        print(f"cla2: warning: --resume: {ckpt} is not intact ({s['problem']}): {then} instead; the broken one "
+              f"is moved to {aside} (remove it once you have looked)", file=sys.stderr, flush=True)
+
+
+def drop_half_checkpoint(out: Path, step: int | None, world_size: int) -> None:
+    """Remove the checkpoint of ``step`` if a failure (a full disk, a kill) cut its save short: no --resume could
+    use it, and on a full disk it holds the space that run.json needs to say "failed"."""
+    if step is None:
+        return
+    ckpt = Path(out) / f"checkpoint-{step}"
+    if ckpt.is_dir() and (problem := checkpoint_problem(ckpt, world_size)) is not None:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        print(f"cla2: removed {ckpt}, whose save was cut short ({problem})", file=sys.stderr, flush=True)
+
+
+def _disk_hint(exc: BaseException, out: Path) -> str:
+    """For a failure to write (ENOSPC; torch.save's "unexpected pos" on a full disk): the free space of --out."""
+    text = str(exc)
+    if not (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) and \
+            "unexpected pos" not in text and "PytorchStreamWriter failed" not in text:
+        return ""
+    try:
+        where, fs = file_system(out)
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return ""
+    return f" ({out} is on {fs}, which had {human(free)} free: free space there, then run again with --resume)"
 
 
 def prepare(job: str, model: Path, out: Path, tokenizer: Path | None, train: Train, lora: Lora,
@@ -321,8 +511,9 @@ def prepare(job: str, model: Path, out: Path, tokenizer: Path | None, train: Tra
     if rank == 0 and out.parent.is_dir():
         with output_lock(out):  # what a killed run of --out left beside it: cleaned (or its swap finished)
             pass
-    resume_from = check_out(out, job, train.resume, train.overwrite, settings, world_size)
     ds_config = resolve_deepspeed(train.deepspeed)
+    resume_skipped: list[dict] = []
+    resume_from = check_out(out, job, train.resume, train.overwrite, settings, world_size, skipped=resume_skipped)
     check_loadable(model)  # a folder without weights, or weights transformers won't read, fail here
     if not (model / "config.json").exists():
         raise FileNotFoundError(f"model folder {model} has no config.json: point --model at a Hugging Face model folder")
@@ -348,7 +539,8 @@ def prepare(job: str, model: Path, out: Path, tokenizer: Path | None, train: Tra
     return Prepared(job=job, model=model, out=out, tok_dir=tok_dir, tokenizer=tok, train=train, settings=settings,
                     began=began, rank=rank, world_size=world_size, dev=dev, torch_dtype=torch_dtype,
                     base_dtype=base_dtype, on_cpu=on_cpu, resume_from=resume_from, ds_config=ds_config,
-                    placement=placement, dataset=dataset, data_info=data_info, pad_id=pad_id)
+                    placement=placement, dataset=dataset, data_info=data_info, pad_id=pad_id,
+                    resume_skipped=resume_skipped)
 
 
 def trainer_arguments(prep: Prepared):
