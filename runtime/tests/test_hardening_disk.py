@@ -8,16 +8,20 @@ import json
 import os
 import re
 import shutil
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
+from test_convert import hfl_folder
+from test_merge import make_adapter
 
-from cla2 import finetune, io, record, training
+from cla2 import convert, finetune, io, merge, record, training
 from cla2.training import TrainingSetupError
 
 RECORDS = [{"instruction": f"问题{i}", "input": "", "output": f"回答{i}。"} for i in range(4)]
 FAST = dict(batch_size=2, gradient_accumulation_steps=1, lora_rank=4, lora_alpha=8, logging_steps=1, lr=1e-3,
             device="cpu")
+Usage = namedtuple("Usage", "total used free")
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +200,41 @@ def test_a_full_disk_while_the_adapter_is_saved_leaves_a_failed_record(tmp_path,
     run = json.loads((out / "run.json").read_text())
     assert run["outcome"] == "failed" and "No space left on device" in run["error"]
     assert _strays(out) == [] and not (tmp_path / ".sft.partial").exists()
+
+
+def _disk(free: int):
+    def usage(path):
+        return Usage(10 * free + (1 << 30), 0, free)
+
+    return usage
+
+
+def test_merge_refuses_up_front_when_the_output_does_not_fit(tmp_path, tiny_model, monkeypatch):
+    adapter = make_adapter(tiny_model, tmp_path / "lora")
+    monkeypatch.setattr(shutil, "disk_usage", _disk(100_000))
+    out = tmp_path / "merged"
+    with pytest.raises(OSError) as exc:
+        merge.main(adapter, out, model=tiny_model)
+    msg = str(exc.value)
+    assert exc.value.errno == errno.ENOSPC
+    assert "not enough free space" in msg and str(tmp_path) in msg and "100.0 kB" in msg and "needs" in msg
+    assert not out.exists() and not any(p.name.startswith(".merged") for p in tmp_path.iterdir())
+    monkeypatch.setattr(shutil, "disk_usage", _disk(1 << 40))
+    assert merge.main(adapter, out, model=tiny_model) == out
+
+
+def test_convert_refuses_up_front_when_the_output_does_not_fit(tmp_path, tiny_model, monkeypatch):
+    model, _ = hfl_folder(tiny_model, tmp_path / "hfl", "fp16")
+    monkeypatch.setattr(shutil, "disk_usage", _disk(100_000))
+    out = tmp_path / "st"
+    before = sorted(p.name for p in model.iterdir())
+    with pytest.raises(OSError) as exc:
+        convert.main(model, out)
+    msg = str(exc.value)
+    assert exc.value.errno == errno.ENOSPC and "not enough free space" in msg and "100.0 kB" in msg
+    assert not out.exists()
+    with pytest.raises(OSError, match="not enough free space"):
+        convert.main(model)  # in place, beside the .bin files
+    assert sorted(p.name for p in model.iterdir()) == before
+    monkeypatch.setattr(shutil, "disk_usage", _disk(1 << 40))
+    assert convert.main(model, out)["changed"]

@@ -37,6 +37,7 @@ def main(model: Path, out: Path | None = None, dry_run: bool = False) -> dict:
     if dry_run or not planned["changed"]:
         result = planned
     else:
+        check_space(model, planned)
         with tqdm(total=planned["bytes"], unit="B", unit_scale=True, desc="converting") as bar:
             result = torchbin.convert_folder(model, out, progress=bar.update)
     where = result["out"]
@@ -49,3 +50,20 @@ def main(model: Path, out: Path | None = None, dry_run: bool = False) -> dict:
         print(f"converted {result['tensors']} tensors ({result['bytes'] / 1e9:.2f} GB) from {model} to {where}: "
               f"{', '.join(result['outputs'])}")
     return result
+
+
+def check_space(model: Path, planned: dict) -> None:
+    """Refuse before writing when the safetensors files do not fit the free space of the output's file system:
+    the tensors' bytes (from the .bin files' pickles), a header per tensor, the files copied beside them and a
+    margin for block rounding. The .bin files stay, so converting in place needs the same room."""
+    # cla2.io imports torch: only when there is something to write
+    from cla2.io import check_free_space, human
+
+    side = [model / name for name in planned["outputs"]
+            if not name.endswith(".safetensors") and name != torchbin.ST_INDEX and (model / name).is_file()]
+    copied = sum(f.stat().st_size for f in side)
+    files = len(planned["outputs"]) + 1  # and the stamp
+    extra = copied + 256 * planned["tensors"] + 4096 * files + (1 << 20)
+    check_free_space(Path(planned["out"]), planned["bytes"] + extra,
+                     f"{planned['tensors']} tensors ({human(planned['bytes'])}) in safetensors files, their headers, "
+                     f"{len(side)} file(s) copied beside them and a margin")

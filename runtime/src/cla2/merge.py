@@ -34,7 +34,7 @@ import torch
 
 from cla2 import status, torchbin
 from cla2.compat import torch_load_is_safe
-from cla2.io import atomic_output_dir, check_output_dir, weight_files
+from cla2.io import atomic_output_dir, check_free_space, check_output_dir, human, weight_files
 from cla2.record import RUN_FILE, read, run_record, write
 
 ST_DTYPES = {
@@ -469,6 +469,22 @@ def _layout(entries: list[tuple[str, tuple[int, ...], torch.dtype]], shard_bytes
     return shards
 
 
+def check_space(out: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]], shard_bytes: int, model: Path,
+                tok_src: Path) -> None:
+    """Refuse before writing when the merged folder does not fit the free space of --out's file system: the
+    tensors' bytes (from the base's headers, in the output dtype), the shards' headers, the files copied
+    (config, generation config, tokenizer) and a margin for block rounding. With --overwrite the old OUT stays
+    until the new one is complete, so it needs no less."""
+    tensors = sum(math.prod(s) * d.itemsize for _, s, d in entries)
+    shards = len(_layout(entries, shard_bytes))
+    copied = [f for f in (*Path(tok_src).iterdir(), model / "config.json", model / "generation_config.json")
+              if f.is_file() and (f.name.startswith("tokenizer") or f.name in (
+                  "special_tokens_map.json", "added_tokens.json", "config.json", "generation_config.json"))]
+    extra = sum(f.stat().st_size for f in copied) + 256 * len(entries) + 4096 * (shards + len(copied) + 4) + (1 << 20)
+    check_free_space(out, tensors + extra, f"{shards} safetensors shard(s) holding {human(tensors)} of tensors, "
+                     f"their headers, the config and tokenizer files and a margin")
+
+
 def _base_from_run(adapter: Path) -> Path:
     run = read(adapter)
     if run and run.get("base_model"):
@@ -539,6 +555,8 @@ def main(
 
     order = ordered(reader)
     entries = [(r.name, r.shape, target_dtype(r)) for r in order]
+    tok_src = adapter if (adapter / "tokenizer_config.json").exists() else model
+    check_space(out, entries, shard_bytes, model, tok_src)
     started = time.time()
     st = status.current()
     st.update("merging", step=0, total=len(order), unit="tensor", force=True)
@@ -579,7 +597,6 @@ def main(
         for f in ("generation_config.json",):
             if (model / f).exists():
                 shutil.copyfile(model / f, tmp / f)
-        tok_src = adapter if (adapter / "tokenizer_config.json").exists() else model
         from cla2.training import copy_tokenizer
 
         copy_tokenizer(tok_src, tmp)
