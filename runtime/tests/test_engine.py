@@ -738,13 +738,9 @@ def test_waiting_requests_are_prefilled_together_and_generate_what_they_generate
 
 # ---- hardening, second round (issue 24) ---------------------------------------------------------------
 
-def test_a_cancelled_waiting_request_leaves_the_queue_at_once(engine):
-    """A waiting request whose consumer went away frees its place in the bounded queue at once (not when
-    a batch slot opens), and gets its cancelled Result: the next request is queued, not refused. The
-    running request's steps are held, so the slot stays taken however fast the machine is."""
-    from cla2.engine import QueueFull
-
-    e = Engine(engine.model, engine.tokenizer, engine.device, max_batch_size=1, max_waiting=2)
+def held(e: Engine) -> tuple[threading.Event, threading.Event]:
+    """Hold the engine's decode steps until ``release`` is set: a running request keeps its batch slot
+    however fast the machine is. ``stepping`` is set once a step waits."""
     stepping, release = threading.Event(), threading.Event()
     real_step = e._step
 
@@ -754,6 +750,17 @@ def test_a_cancelled_waiting_request_leaves_the_queue_at_once(engine):
         real_step()
 
     e._step = held_step
+    return stepping, release
+
+
+def test_a_cancelled_waiting_request_leaves_the_queue_at_once(engine):
+    """A waiting request whose consumer went away frees its place in the bounded queue at once (not when
+    a batch slot opens), and gets its cancelled Result: the next request is queued, not refused. The
+    running request's steps are held, so the slot stays taken however fast the machine is."""
+    from cla2.engine import QueueFull
+
+    e = Engine(engine.model, engine.tokenizer, engine.device, max_batch_size=1, max_waiting=2)
+    stepping, release = held(e)
     results: dict[str, list[Result]] = {"running": [], "w0": [], "w1": [], "late": []}
 
     def sink(name):

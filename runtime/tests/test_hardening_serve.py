@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+from test_engine import held
 from test_serve import KEY, Server, raw_post, wait_for
 
 from cla2.engine import Engine, Result, SamplingParams
@@ -49,21 +50,6 @@ def http_statuses(url: str, path: str) -> dict[str, float]:
             status, value = line[len(prefix):].split('"}')
             out[status] = float(value)
     return out
-
-
-def held(e: Engine) -> tuple[threading.Event, threading.Event]:
-    """Hold the engine's decode steps until ``release`` is set: a running request keeps its batch slot
-    however fast the machine is. ``stepping`` is set once a step waits."""
-    stepping, release = threading.Event(), threading.Event()
-    real_step = e._step
-
-    def held_step():
-        stepping.set()
-        release.wait(60)
-        real_step()
-
-    e._step = held_step
-    return stepping, release
 
 
 # ---- row 1: a cancelled waiting request leaves the queue at once --------------------------------------
