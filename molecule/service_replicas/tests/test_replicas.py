@@ -237,10 +237,10 @@ def test_a_model_that_does_not_load_fails_the_play_with_the_cause_and_the_endpoi
         assert res.returncode != 0
         assert "cla2 plan serve --model /data/models/broken" in res.stdout, res.stdout[-3000:]
         assert "cla2-broken replica r0 (devices 0,1)" in res.stdout and "did not load /data/models/broken" in res.stdout
-        assert "lacks hidden_size" in res.stdout
+        assert "config.json has no num_hidden_layers" in res.stdout
         health = requests.get(f"{address(host).rsplit(':', 1)[0]}:19400/health", timeout=30)
         assert health.status_code == 503
-        assert health.json()["status"] == "error" and "lacks hidden_size" in health.json()["error"]
+        assert health.json()["status"] == "error" and "config.json has no num_hidden_layers" in health.json()["error"]
     finally:
         host.run("systemctl disable --now cla2-broken cla2-broken-r0; rm -f /etc/systemd/system/cla2-broken*.service; "
                  "systemctl daemon-reload")
