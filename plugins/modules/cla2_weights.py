@@ -35,7 +35,9 @@ options:
     choices: [path, url, staged]
     default: path
   source:
-    description: Folder on the host or base URL. Credentials in a URL (C(user:password@), or query
+    description: Folder on the host or base URL. In a folder, a symlink is followed only to a file inside the
+      folder; one to a file elsewhere is refused (the module reads as root). A URL's query (a token, a
+      signature) is sent with every file's request. Credentials in a URL (C(user:password@), or query
       parameters such as C(token=), C(X-Amz-Signature=), C(sig=)) are masked in everything the module
       prints or returns. Redirects are followed from http to http or https and from https to https
       only; one from https to http is refused.
@@ -247,6 +249,22 @@ def walk_files(root):
     return out
 
 
+def source_file(root, rel):
+    """The file to read for `rel` of a host source folder. A symlink in the folder is followed only to a
+    file inside the folder itself: the module runs as root, so a link to a file elsewhere (a root-only
+    key, /etc/shadow) would otherwise be read with root's rights and placed with I(mode) for anyone to
+    read. The link is refused, naming it and its target, before anything is written."""
+    path = os.path.join(root, rel)
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise PlaceError("%s in the source folder %s is a symlink to %s, outside the folder: the kit follows "
+                         "links only to files inside the source folder (it reads as root and would place the "
+                         "target for anyone to read). Copy the file itself into the folder (cp -L), or name the "
+                         "folder that holds the real files as the source" % (rel, root, real))
+    return real
+
+
 def listing_stamp(root, names):
     """Sizes and mtimes of the files: the cheap identity that a re-run compares."""
     items = {}
@@ -441,8 +459,11 @@ class Placer(object):
 
     # ---- source side -------------------------------------------------------------------------
     def url_of(self, rel):
-        base = self.source if self.source.endswith("/") else self.source + "/"
-        return urllib.parse.urljoin(base, urllib.parse.quote(rel))
+        """The URL of one file of a URL source: the file's name after the source's path, with the source's
+        query (a token, a signature) kept on every request."""
+        parts = urllib.parse.urlsplit(self.source)
+        path = parts.path if parts.path.endswith("/") else parts.path + "/"
+        return urllib.parse.urlunsplit(parts._replace(path=path + urllib.parse.quote(rel), fragment=""))
 
     def open_url(self, url, offset=0, method="GET"):
         """open_url with redirects followed here, so each hop is checked: a redirect from https to
@@ -599,7 +620,7 @@ class Placer(object):
             if have:
                 hash_prefix(h, target, have, stop)
             if self.source_type == "path":
-                src = os.path.join(self.source, rel)
+                src = source_file(self.source, rel)
                 if not os.path.isfile(src):
                     raise PlaceError("%s is listed in the manifest but missing from %s" % (rel, self.source))
                 n = kernel_copy_hashed(src, target, have, h, stop)
@@ -775,7 +796,7 @@ class Placer(object):
             raise PlaceError("a URL source needs a manifest")
         if self.source_type == "path":
             for rel in names:
-                src = os.path.join(self.source, rel)
+                src = source_file(self.source, rel)
                 if not os.path.isfile(src):
                     raise PlaceError("%s is listed in the manifest but missing from %s" % (rel, self.source))
                 sizes[rel] = os.path.getsize(src)

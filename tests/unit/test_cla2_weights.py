@@ -82,11 +82,22 @@ class Server:
         self.resume = threading.Event()
         self.sent = 0
         self.range_requests: list[tuple[str, int]] = []
+        self.token: str | None = None  # when set, every request must carry ?token=<it> (else 403)
+        self.queries: list[str] = []  # the query of every request
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *a):  # quiet
                 pass
+
+            def refused(self) -> bool:
+                """Split the query off the path (self.path is the file's path after it); 403 without the token."""
+                self.path, _, query = self.path.partition("?")
+                server.queries.append(query)
+                if server.token is not None and query != f"token={server.token}":
+                    self.send_error(403)
+                    return True
+                return False
 
             def redirected(self) -> bool:
                 rel = self.path.lstrip("/")
@@ -103,7 +114,7 @@ class Server:
                 if not server.head:
                     self.send_error(501)
                     return
-                if self.redirected():
+                if self.refused() or self.redirected():
                     return
                 path = server.root / self.path.lstrip("/")
                 if not path.is_file():
@@ -114,7 +125,7 @@ class Server:
                 self.end_headers()
 
             def do_GET(self):
-                if self.redirected():
+                if self.refused() or self.redirected():
                     return
                 rel = self.path.lstrip("/")
                 path = server.root / rel
@@ -425,6 +436,53 @@ def test_symlink_planted_in_staging_is_never_written_through(tmp_path, source_ty
     assert placed_sums(dest) == sums
     assert not any(p.is_symlink() for p in dest.rglob("*"))
     assert res["symlinks_removed"] == ["config.json", "sub/tokenizer.model"]
+
+
+def test_symlink_in_a_source_folder_is_followed_only_inside_the_folder(tmp_path):
+    # issue 24 row 8: the module runs as root; a link in a shared source folder to a root-only file must not
+    # be read and placed world-readable. A link to another file of the folder is followed.
+    src = tmp_path / "mirror" / "m"
+    sums = make_source(src, {"config.json": 300, "sub/tokenizer.model": 5000})
+    (src / "tokenizer.model").symlink_to("sub/tokenizer.model")
+    sums["tokenizer.model"] = sums["sub/tokenizer.model"]
+    dest = tmp_path / "data" / "m"
+    res = run_module(tmp_path, dest=str(dest), source_type="path", source=str(src))
+    assert not res.get("failed"), res
+    assert placed_sums(dest) == sums and not (dest / "tokenizer.model").is_symlink()
+    secret = tmp_path / "root-only" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    secret.chmod(0o600)
+    (src / "generation_config.json").symlink_to(secret)
+    (src / "sub" / "escape.json").symlink_to("../../../root-only/id_rsa")
+    for manifest in ("", manifest_text({**sums, "generation_config.json": "0" * 64})):
+        dest2 = tmp_path / "data" / "m2"
+        res = run_module(tmp_path, dest=str(dest2), source_type="path", source=str(src), manifest=manifest)
+        assert res.get("failed"), res
+        assert f"generation_config.json in the source folder {src} is a symlink to {secret}, outside the folder" \
+            in res["msg"] and "cp -L" in res["msg"], res["msg"]
+        assert not dest2.exists() and not (tmp_path / "data" / ".m2.cla2-partial").exists()
+    # the placed copy is untouched by the refused re-run of its source
+    res = run_module(tmp_path, dest=str(dest), source_type="path", source=str(src))
+    assert res.get("failed") and "outside the folder" in res["msg"], res
+    assert placed_sums(dest) == sums
+
+
+def test_a_token_in_the_url_query_goes_with_every_file(tmp_path):
+    # issue 24 row 9: `…/models/m?token=…` fetched `/models/SHA256SUMS` without the token
+    src = tmp_path / "mirror" / "m"
+    sums = make_source(src, SIZES)
+    (src / "SHA256SUMS").write_text(manifest_text(sums))
+    with Server(tmp_path / "mirror") as server:
+        server.token = "tok-9f8e7d"
+        res = run_module(tmp_path, dest=str(tmp_path / "data" / "m"), source_type="url",
+                         source=server.url + "m?token=tok-9f8e7d")
+        assert not res.get("failed"), res
+        assert placed_sums(tmp_path / "data" / "m") == sums
+        assert server.queries and set(server.queries) == {"token=tok-9f8e7d"}
+        assert "tok-9f8e7d" not in json.dumps(res)
+        res = run_module(tmp_path, dest=str(tmp_path / "data" / "m2"), source_type="url", source=server.url + "m")
+        assert res.get("failed") and "403" in res["msg"], res
 
 
 def test_symlink_in_a_controller_transfer_is_refused(tmp_path):
