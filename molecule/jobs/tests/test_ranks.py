@@ -12,6 +12,14 @@ RUN = f"{OUT}/molecule"
 CONTAINER = "cla2-runtime"
 
 
+def listening_ports(host, prefix=""):
+    """The TCP ports in LISTEN state (st 0A) of a network namespace, from /proc/net/tcp and tcp6: the host's,
+    or with prefix `docker exec <container>` the container's."""
+    out = host.check_output(f"{prefix} cat /proc/net/tcp /proc/net/tcp6")
+    return {int(f[1].rsplit(":", 1)[1], 16) for f in (line.split() for line in out.splitlines()[1:])
+            if len(f) > 3 and f[3] == "0A"}
+
+
 def tensors(host, path):
     """name -> number of elements of every tensor of a safetensors file, read in the runtime container."""
     code = ("import json, sys; from safetensors import safe_open; f = safe_open(sys.argv[1], 'pt'); "
@@ -34,7 +42,7 @@ def test_pipeline_trained_two_ranks_of_zero3_into_one_complete_adapter(host):
         assert run["deepspeed"]["zero_optimization"]["stage"] == 3
         done = json.loads(host.file(f"{RUN}/.done-{stage}").content_string)
         assert done["argv"][:5] == ["env", "GLOO_SOCKET_IFNAME=lo", "torchrun", "--standalone", "--nproc-per-node"]
-        assert done["argv"][5] == "2"
+        assert done["argv"][5:8] == ["2", "--local-addr", "127.0.0.1"]
         # One adapter (rank 0 writes it), every tensor gathered from the ZeRO-3 shards: none is empty.
         found = host.check_output(f"find {RUN}/{stage} -name 'adapter_model*' -not -path '*/checkpoint-*'").split()
         assert found == [f"{RUN}/{stage}/adapter_model.safetensors"], found
@@ -59,6 +67,14 @@ def test_killed_ranks_resume_from_their_checkpoint(host):
             time.sleep(1)
         else:
             raise AssertionError("no checkpoint appeared")
+        # issue 24 row 14: torchrun's rendezvous store listens on every interface, so the ranks run in a container
+        # of their own network namespace with loopback only (cla2_runtime_network_mode: none): what they listen on
+        # is not on the host's interfaces.
+        assert host.check_output(f"docker inspect --format '{{{{.HostConfig.NetworkMode}}}}' {CONTAINER}") == "none"
+        assert host.check_output(f"docker exec {CONTAINER} ls /sys/class/net").split() == ["lo"]
+        inside = listening_ports(host, f"docker exec {CONTAINER}")
+        assert inside, "torchrun's store listens on no port while the ranks run"
+        assert not inside & listening_ports(host), (inside, listening_ports(host))
         # Kill the ranks (torchrun's workers: python -u -m cla2), not the container: torchrun sees them die
         # and the job fails.
         pids = host.check_output(f"docker exec {CONTAINER} pgrep -f -- '-u -m cla2 finetune .*{run_dir}'").split()
@@ -87,3 +103,13 @@ def test_a_rank_count_that_cannot_be_right_is_refused_before_any_rank_starts(hos
     assert res.returncode != 0
     assert "cla2_nproc_per_node=-1 rank(s), but the runtime container sees 1 cpu device(s)" in res.stdout
     assert not host.file(f"{OUT}/ranks-zero/sft.log").exists
+
+
+def test_a_job_of_several_hosts_is_refused_when_the_container_is_not_on_the_host_network(host):
+    # this host's runtime container is on `none`: ranks of other hosts could not reach its rendezvous store
+    res = play("finetune.yml", "cla2_run=ranks-net", "cla2_model=tiny-llama",
+               "cla2_data=cla2-demo/sft/train.jsonl", "cla2_multinode=true")
+    assert res.returncode != 0
+    assert f"needs their runtime containers on the host network (the ranks meet there), and {CONTAINER} is on " \
+           "'none'. Set cla2_runtime_network_mode: host" in res.stdout, res.stdout[-3000:]
+    assert not host.file(f"{OUT}/ranks-net/sft.log").exists
