@@ -187,6 +187,46 @@ def test_killed_replica_endpoint_keeps_answering_and_systemd_brings_it_back(host
     assert set(codes) == {200}, [c for c in codes if c != 200]
 
 
+def scur(host, replica):
+    """The requests HAProxy has on a replica now (`show stat` field 5, scur)."""
+    out = host.check_output(f"/usr/local/sbin/cla2-haproxy-admin {SOCK} 'show stat'")
+    return int(next(line.split(",")[4] for line in out.splitlines() if line.startswith(f"replicas,r{replica},")))
+
+
+def test_a_roll_does_not_restart_a_replica_with_a_request_in_flight_at_the_drain_timeout(host):
+    # issue 24 row 15: the roll restarted a replica at the end of its drain whatever it still answered
+    url = address(host)
+    admin = f"/usr/local/sbin/cla2-haproxy-admin {SOCK}"
+    before = {r: inspect(host, f"{NAME}-r{r}")["State"]["StartedAt"] for r in REPLICAS}
+    pid = serve_pid(host, f"{NAME}-r0")
+    codes = []
+    client = threading.Thread(target=lambda: codes.append(chat(url, timeout=120).status_code), daemon=True)
+    try:
+        # the request goes to r0 (r1 takes none), whose serve process is held stopped: it stays in flight there
+        host.check_output(f"{admin} 'set server replicas/r1 state maint'")
+        host.check_output(f"kill -STOP {pid}")
+        client.start()
+        wait_until(lambda: scur(host, 0) == 1, 10, "the request is in flight on r0")
+        res = play(inference_service_extra_args=["--max-batch-size", "5"], inference_service_drain_timeout=3)
+        assert res.returncode != 0, res.stdout[-3000:]
+        assert ("cla2-serve-r0: 1 request(s) still in flight after inference_service_drain_timeout (3s); "
+                "it was not restarted") in res.stdout, res.stdout[-3000:]
+        assert "Restart cla2-serve-r0" not in res.stdout and "Drain in HAProxy: cla2-serve-r1" not in res.stdout
+        assert scur(host, 0) == 1
+        out = host.check_output(f"{admin} 'show servers state replicas'")
+        # srv_admin_state (field 7) of r0: 0, neither drain nor maint any more
+        assert [line.split()[6] for line in out.splitlines() if line.split()[3:4] == ["r0"]] == ["0"], out
+    finally:
+        host.run(f"kill -CONT {pid}")
+        host.run(f"{admin} 'set server replicas/r1 state ready'")
+    client.join(60)
+    assert codes == [200], codes
+    for r in REPLICAS:
+        assert inspect(host, f"{NAME}-r{r}")["State"]["StartedAt"] == before[r]
+    wait_until(lambda: haproxy_status(host) == {"r0": "UP", "r1": "UP"}, 60, "both replicas UP again")
+    # the next roll (the next test) takes the configuration to both replicas
+
+
 def test_rolling_restart_on_a_new_configuration_fails_no_request(host):
     url = address(host)
     before = {r: inspect(host, f"{NAME}-r{r}")["State"]["StartedAt"] for r in REPLICAS}
