@@ -11,6 +11,10 @@ COMPAT_VENV := .venv-runtime-torch21
 # Every venv installs from its hashed lock (locks/lock.py: `make lock` remakes them): the packages of the lock
 # with their hashes checked and no resolution of its own, then the kit's own project, then pip's check.
 PIP_LOCKED := pip install -q --require-hashes --no-deps -r
+# $(call pip_locked,VENV,LOCK [ARGS]): that install, tried a second time if the first fails (a download of
+# the locks' GBs cut off by the network; pip's cache keeps what had arrived). A real error fails both.
+pip_locked = $(1)/bin/$(PIP_LOCKED) $(2) || { echo "pip install -r $(firstword $(2)) failed; trying once more" >&2; \
+	$(1)/bin/$(PIP_LOCKED) $(2); }
 # Where the torch 2.13 lock's CPU build of torch comes from: the wheel on disk (the kit's machines), else
 # PyTorch's CPU index (its hash is the lock's either way).
 TORCH_CPU := $(if $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
@@ -31,14 +35,14 @@ export ANSIBLE_FORCE_COLOR := 0
 venv: $(VENV)/.done
 $(VENV)/.done: locks/controller.txt
 	rm -rf $(VENV) && $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/$(PIP_LOCKED) locks/controller.txt
+	$(call pip_locked,$(VENV),locks/controller.txt)
 	$(VENV)/bin/pip check
 	touch $@
 
 runtime-venv: $(RT_VENV)/.done
 $(RT_VENV)/.done: locks/runtime-torch2.13.txt runtime/pyproject.toml
 	rm -rf $(RT_VENV) && $(PYTHON) -m venv $(RT_VENV)
-	$(RT_VENV)/bin/$(PIP_LOCKED) locks/runtime-torch2.13.txt $(TORCH_CPU)
+	$(call pip_locked,$(RT_VENV),locks/runtime-torch2.13.txt $(TORCH_CPU))
 	$(RT_VENV)/bin/pip install -q --no-deps --no-build-isolation -e runtime
 	$(RT_VENV)/bin/pip check
 	touch $@
@@ -46,7 +50,7 @@ $(RT_VENV)/.done: locks/runtime-torch2.13.txt runtime/pyproject.toml
 compat-venv: $(COMPAT_VENV)/.done
 $(COMPAT_VENV)/.done: locks/runtime-torch2.1.txt runtime/pyproject.toml
 	rm -rf $(COMPAT_VENV) && $(PYTHON) -m venv $(COMPAT_VENV)
-	$(COMPAT_VENV)/bin/$(PIP_LOCKED) locks/runtime-torch2.1.txt
+	$(call pip_locked,$(COMPAT_VENV),locks/runtime-torch2.1.txt)
 	$(COMPAT_VENV)/bin/pip install -q --no-deps --no-build-isolation -e runtime
 	$(COMPAT_VENV)/bin/pip check
 	touch $@

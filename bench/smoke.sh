@@ -13,6 +13,7 @@ run "$rt" bench/merge_memory.py --smoke
 run "$rt" bench/convert_memory.py --smoke
 run "$rt" bench/train_throughput.py --smoke
 run "$rt" bench/serve_throughput.py --smoke
+run "$rt" bench/serve_soak.py --smoke   # streaming clients with hang-ups; /health p99, RSS, slots freed (issue 24)
 run "$rt" bench/engine_speed.py --smoke   # the engine against a bare transformers loop (issue 15)
 run "$rt" bench/eval_speed.py --smoke
 run "$rt" bench/gpu_decode.py --smoke   # the decode path of the GPU bench, on a small model on the CPU
