@@ -13,6 +13,9 @@ the plan counts no runtime reserve: the imports are the reserve there, and are s
 - generate: the engine decodes ``batch`` requests together until each reaches the model's window (the
   KV cache the plan budgets for), with prompts joining a running batch.
 - finetune: `cla2 finetune` for a few steps at a fixed micro-batch and sequence length, no DeepSpeed.
+- finetune-data: `cla2 finetune` on data of mixed lengths (most short, the longest half the context),
+  grouped by length so that the longest batch runs first; the estimate is the plan the job made itself from
+  its data (run.json's ``plan``: each micro-batch budgeted at the data's longest example).
 
 On a GPU the same comparison reads torch.cuda.max_memory_allocated (bench/gpu_split.py). The target is
 within 25% (ratio estimate / measured in 0.75 .. 1.25); the full-size run exits 1 outside it, --smoke
@@ -60,6 +63,21 @@ if case == "generate":
     engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=context - half - 1))
     engine.close()
     estimate = p.bytes_per_device
+elif case == "finetune-data":
+    data = work / "sft.jsonl"
+    rng = random.Random(0)
+    words = "的 一 是 在 不 了 有 和 人 这 中 大 为 上 个 国 我 以 要 他".split()
+    with data.open("w") as f:
+        for i in range(4 * batch):  # one example of `context` words (about the context once tokenized), the rest short
+            n = context if i == 0 else rng.randint(context // 16, context // 4)
+            f.write(json.dumps({"instruction": "写", "output": "".join(rng.choice(words) for _ in range(n))},
+                               ensure_ascii=False) + "\n")
+    run = cla2.finetune.main(model=model, data=data, out=work / "out", max_steps=3, batch_size=batch,
+                             gradient_accumulation_steps=1, max_seq_length=2 * context, deepspeed="none",
+                             gradient_checkpointing=False, save_steps=1000, logging_steps=1, device="cpu",
+                             dtype="fp32", group_by_length=True)
+    p = plan.TrainingPlan(**{k: v for k, v in run["plan"].items() if k != "deepspeed"})
+    estimate = p.bytes_per_device
 else:
     p = plan.plan_training("finetune", shape, 64 * 1024**3, 1, 4, "fp32", "cpu", seq_len=context, batch=batch,
                            zero_stage=0, gradient_checkpointing=False)
@@ -105,7 +123,8 @@ def main() -> int:
         ok = True
         print(f"model: {size['layers']} layers, hidden {size['hidden']}, fp32; context {size['context']}")
         for case, batch, context in (("generate", size["batch"], size["context"]),
-                                     ("finetune", 2, size["context"] // 2)):
+                                     ("finetune", 2, size["context"] // 2),
+                                     ("finetune-data", 2, size["context"] // 2)):
             work = Path(tmp) / case
             work.mkdir()
             r = run_case(case, model, batch, context, work)
@@ -114,7 +133,8 @@ def main() -> int:
             ok &= inside
             verdict = ("smoke size: fixed costs the plan does not model dominate; the target is for the full size"
                        if args.smoke else f"{'within' if inside else 'OUTSIDE'} {TARGET[0]}..{TARGET[1]}")
-            print(f"{case:<9} batch {batch} x {context} tokens: estimate {r['estimate'] / 2**20:8.1f} MiB, measured "
+            tokens = f"{r['plan']['seq_len']} tokens ({r['plan']['tokens_from']})" if case == "finetune-data" else f"{context} tokens"
+            print(f"{case:<9} batch {batch} x {tokens}: estimate {r['estimate'] / 2**20:8.1f} MiB, measured "
                   f"peak {r['measured'] / 2**20:8.1f} MiB, ratio {ratio:.2f} ({verdict})")
     return 0 if ok or args.smoke else 1
 

@@ -93,6 +93,13 @@ def test_outputs_describe_the_run(trained, tiny_model_small_tok, sft_data):
     assert run["device"] == "cpu" and run["world_size"] == 1
     assert run["versions"]["torch"] and run["versions"]["transformers"] and run["versions"]["peft"]
     assert run["data"]["records"] == 4 and len(run["data"]["fingerprint"]) == 64
+    # the plan budgeted each micro-batch at the data's longest example (on the CPU: no padding to 8)
+    tok = AutoTokenizer.from_pretrained(trained)
+    longest = max(len(tok(build_prompt(r["instruction"] + (f"\n{r['input']}" if r.get("input") else "")))["input_ids"])
+                  + len(tok(r["output"] + tok.eos_token, add_special_tokens=False)["input_ids"]) for r in RECORDS)
+    assert run["plan"]["seq_len"] == longest and run["plan"]["tokens_per_micro_batch"] == 4 * longest
+    assert run["plan"]["tokens_from"] == (f"the data's longest example after the template, {longest} tokens, "
+                                          "of 4 examples")
     assert run["metrics"]["train_loss"] > 0 and run["metrics"]["final_loss"] < run["metrics"]["first_loss"]
     assert (trained / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (trained / "checkpoint-40" / "trainer_state.json").exists()

@@ -161,3 +161,74 @@ def test_jobs_refuse_devices_that_do_not_exist_before_loading(tiny_model, tmp_pa
     assert r.returncode == 2
     assert "device 1 does not exist; this process sees 1 device(s)" in r.stderr
     assert not (tmp_path / "out.jsonl").exists()
+
+
+# --- training planned from the data (issue 23): a micro-batch is budgeted at the data's longest batch
+SEED_SFT = ["--batch-size", "16", "--context", "1024"]  # the seed's 13B SFT: 16 per device, max_seq_length 1024
+CITY = "春天来了，公园里的花都开了。人们在湖边散步，孩子们放风筝，老人下棋聊天。城市的历史悠久，文化丰富，吸引了很多游客。"
+
+
+def sft_file(path, chars: list[int]):
+    """Alpaca-format records whose outputs are ``chars`` characters of Chinese text."""
+    records = [{"instruction": f"请写一段关于第{i}个城市的介绍。", "input": "",
+                "output": (CITY * (n // len(CITY) + 2))[i % len(CITY):i % len(CITY) + n]} for i, n in enumerate(chars)]
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
+    return path
+
+
+def test_13b_sft_on_alpaca_length_data_keeps_the_seeds_16_x_1(models, real_tokenizer_dir, tmp_path):
+    import random
+    import statistics
+
+    from transformers import AutoTokenizer
+
+    from cla2.data import instruction_dataset
+
+    rng = random.Random(0)  # Alpaca-like lengths: a long tail, median about 200 tokens after the template
+    data = sft_file(tmp_path / "alpaca.jsonl", [min(int(rng.lognormvariate(5.6, 0.45)), 720) for _ in range(500)])
+    lengths = instruction_dataset(data, AutoTokenizer.from_pretrained(real_tokenizer_dir), 1024, progress=False)[0].lengths
+    assert 180 <= statistics.median(lengths) <= 240 and max(lengths) < 512, (statistics.median(lengths), max(lengths))
+    p = plan_json("finetune", "--model", str(models["13b"]), *SERVER, *SEED_SFT, "--data", str(data),
+                  "--tokenizer", str(real_tokenizer_dir))
+    assert (p["world_size"], p["zero_stage"], p["gradient_checkpointing"]) == (16, 3, True)
+    assert (p["micro_batch"], p["gradient_accumulation_steps"]) == (16, 1), p["notes"]
+    padded = -(-max(lengths) // 8) * 8  # the collator pads to a multiple of 8 on an accelerator
+    assert p["seq_len"] == padded and p["tokens_per_micro_batch"] == 16 * padded
+    assert p["tokens_from"] == (f"the data's longest example after the template, {max(lengths)} tokens, padded to "
+                                f"{padded} (a multiple of 8), of 500 examples")
+    assert p["bytes_per_device"] <= 0.9 * 24 * 1024**3 and not p["notes"]
+
+
+def test_13b_sft_on_full_length_data_cuts_the_batch_and_says_so(models, real_tokenizer_dir, tmp_path):
+    data = sft_file(tmp_path / "long.jsonl", [3000] * 8)  # every example longer than --max-seq-length
+    r = cla2("plan", "finetune", "--model", str(models["13b"]), *SERVER, *SEED_SFT, "--data", str(data),
+             "--tokenizer", str(real_tokenizer_dir), "--json")
+    assert r.returncode == 0, r.stderr
+    p = json.loads(r.stdout)
+    assert p["seq_len"] == 1024 and p["micro_batch"] == 4 and p["gradient_accumulation_steps"] == 4
+    assert p["tokens_per_micro_batch"] == 4 * 1024
+    assert p["tokens_from"] == ("the data's longest example after the template, 1024 tokens (cut at "
+                                "--max-seq-length), of 8 examples")
+    [note] = p["notes"]
+    assert note.startswith("micro-batch cut from 16 to 4 to fit: 16 sequences of 1024 tokens need ")
+    assert note.endswith(" GiB per rank, above the 21.6 GiB usable; gradient accumulation 1 -> 4 keeps the effective batch")
+    assert float(note.split(" need ")[1].split(" GiB")[0]) > 21.6
+
+
+def test_without_data_every_sequence_is_budgeted_at_full_length(models):
+    p = plan_json("finetune", "--model", str(models["13b"]), *SERVER, *SEED_SFT)
+    assert p["seq_len"] == 1024 and p["micro_batch"] == 4
+    assert p["tokens_from"] == "--max-seq-length 1024, every sequence at full length (no data read)"
+    p = plan_json("pretrain", "--model", str(models["13b"]), *SERVER, "--context", "512", "--data", "/nonexistent")
+    assert p["seq_len"] == 512 and p["tokens_from"] == "--block-size 512: pre-training's blocks are all full"
+
+
+def test_data_the_plan_cannot_read_is_refused_as_the_job_refuses_it(models, real_tokenizer_dir, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"instruction": "a", "output": "b"},\n {"instruction": "c"}]')
+    r = cla2("plan", "finetune", "--model", str(models["13b"]), *SERVER, "--data", str(bad),
+             "--tokenizer", str(real_tokenizer_dir))
+    assert r.returncode == 2 and "record 2 of the array: missing field output" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    r = cla2("plan", "finetune", "--model", str(models["13b"]), *SERVER, "--data", str(bad))  # no tokenizer there
+    assert r.returncode == 2 and "pass --tokenizer DIR" in r.stderr and str(models["13b"]) in r.stderr, r.stderr

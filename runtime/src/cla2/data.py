@@ -151,6 +151,10 @@ class TokenizedDataset(torch.utils.data.Dataset):
     def lengths(self) -> list[int]:
         return [len(e["input_ids"]) for e in self.examples]
 
+    @property
+    def longest(self) -> int:
+        return max(map(len, (e["input_ids"] for e in self.examples)), default=0)
+
 
 def instruction_dataset(path: Path, tokenizer, max_seq_length: int,
                         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
@@ -281,6 +285,10 @@ class BlockDataset(torch.utils.data.Dataset):
     @property
     def lengths(self) -> list[int]:
         return [self.blocks.shape[1]] * len(self)
+
+    @property
+    def longest(self) -> int:
+        return int(self.blocks.shape[1])
 
 
 TOKENIZE_LINES = 1000  # lines tokenized at once: what the tokenizer holds in memory, whatever the corpus size

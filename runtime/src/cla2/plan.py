@@ -11,7 +11,11 @@ then as many replicas as the host holds, and the largest batch whose KV cache fi
 Training (finetune, pretrain) runs one rank per device. The plan takes the cheapest setting that fits a
 rank, trying in order: no DeepSpeed (plain DDP), ZeRO-2, ZeRO-3, each first without and then with
 gradient checkpointing, at the requested micro-batch first and then at smaller ones (the gradient
-accumulation grows so that the effective batch stays the same).
+accumulation grows so that the effective batch stays the same). A micro-batch is budgeted at the longest
+batch the training data can form (``tokens_per_micro_batch``): instruction data is padded per batch to its
+longest example, so with --data (and in every finetune job) that is the micro-batch times the data's longest
+example after the template, cut at --max-seq-length and padded as the collator pads; pre-training's blocks
+are all --block-size long. Without the data every sequence is budgeted at full length.
 
 Everything here is arithmetic on the model's shape; the estimate is checked against measured peaks by
 ``bench/plan_memory.py``. Every decision can be overridden by the jobs' own flags (``--devices``,
@@ -27,6 +31,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from cla2.prompts import DEFAULT_SYSTEM_PROMPT
 
 INFERENCE_JOBS = ("serve", "chat", "generate", "eval")
 TRAINING_JOBS = ("finetune", "pretrain")
@@ -450,7 +456,9 @@ class TrainingPlan:
     gradient_checkpointing: bool
     micro_batch: int
     gradient_accumulation_steps: int
-    seq_len: int
+    seq_len: int  # the longest sequence a micro-batch holds (its padded length)
+    tokens_per_micro_batch: int  # micro_batch x seq_len: what the activations are budgeted for
+    tokens_from: str  # where seq_len comes from: the data, --max-seq-length or --block-size
     bytes_per_device: int
     breakdown: dict[str, int]
     notes: list[str] = field(default_factory=list)
@@ -471,7 +479,8 @@ class TrainingPlan:
                 f"device of {human(self.device_memory)}: {how}, gradient checkpointing "
                 f"{'on' if self.gradient_checkpointing else 'off'}, micro-batch {self.micro_batch} x {self.seq_len} tokens "
                 f"x {self.gradient_accumulation_steps} accumulated; {human(self.bytes_per_device)} of "
-                f"{human(int(self.device_memory * USABLE_FRACTION))} usable per device ({parts})")
+                f"{human(int(self.device_memory * USABLE_FRACTION))} usable per device ({parts}); sequences of "
+                f"{self.seq_len} tokens: {self.tokens_from}")
         return "\n".join([text, *(f"plan: note: {n}" for n in self.notes)])
 
 
@@ -530,9 +539,12 @@ def plan_training(job: str, shape: Shape, device_memory: int, world_size: int, d
                   gradient_accumulation_steps: int = 1, lora_rank: int = 64,
                   lora_targets: tuple[str, ...] | list[str] = LORA_TARGETS,
                   modules_to_save: tuple[str, ...] | list[str] = ("embed_tokens", "lm_head"),
-                  zero_stage: int | None = None, gradient_checkpointing: bool | None = None) -> TrainingPlan:
+                  zero_stage: int | None = None, gradient_checkpointing: bool | None = None,
+                  tokens_from: str | None = None) -> TrainingPlan:
     """World size, ZeRO stage, gradient checkpointing and micro-batch of a training job (see the module doc).
-    ``zero_stage`` / ``gradient_checkpointing`` fix those decisions instead of choosing them."""
+    ``seq_len`` is the longest sequence of a micro-batch (:func:`sequence_budget`), ``tokens_from`` where that
+    number comes from; ``zero_stage`` / ``gradient_checkpointing`` fix those decisions instead of choosing them."""
+    tokens_from = tokens_from or f"every sequence budgeted at the full {seq_len} tokens (no data read)"
     if job not in TRAINING_JOBS:
         raise PlanError(f"{job} is not a training job ({', '.join(TRAINING_JOBS)})")
     if world_size < 1 or batch < 1 or seq_len < 1:
@@ -549,6 +561,11 @@ def plan_training(job: str, shape: Shape, device_memory: int, world_size: int, d
     while m >= 1:
         micros.append(m)
         m //= 2
+    def best_at(micro: int) -> int:
+        """The least a rank needs at this micro-batch, over the stages and checkpointing tried."""
+        return min(sum(_training_bytes(shape, world_size, dtype_bytes, kind, stage, gc, micro, seq_len, trainable,
+                                       largest).values()) for gc in checkpointing for stage in stages)
+
     best = None
     for micro in micros:
         for gc in checkpointing:
@@ -561,13 +578,16 @@ def plan_training(job: str, shape: Shape, device_memory: int, world_size: int, d
                     notes = []
                     accumulation = gradient_accumulation_steps * batch // micro
                     if micro < batch:
-                        notes.append(f"micro-batch cut from {batch} to {micro} to fit; gradient accumulation "
+                        notes.append(f"micro-batch cut from {batch} to {micro} to fit: {batch} sequences of {seq_len} "
+                                     f"tokens need {human(best_at(batch))} per rank, above the {human(capacity)} "
+                                     f"usable; gradient accumulation "
                                      f"{gradient_accumulation_steps} -> {accumulation} keeps the effective batch")
                     return TrainingPlan(
                         job=job, model=shape.name, kind=kind, dtype=dtype, weights_bytes=shape.params * dtype_bytes,
                         trainable_params=trainable, world_size=world_size, device_memory=device_memory,
                         zero_stage=stage, gradient_checkpointing=gc, micro_batch=micro,
-                        gradient_accumulation_steps=accumulation, seq_len=seq_len, bytes_per_device=total,
+                        gradient_accumulation_steps=accumulation, seq_len=seq_len,
+                        tokens_per_micro_batch=micro * seq_len, tokens_from=tokens_from, bytes_per_device=total,
                         breakdown=parts, notes=notes)
     total, stage, gc, micro, parts = best
     detail = ", ".join(f"{k} {human(v)}" for k, v in parts.items())
@@ -575,10 +595,30 @@ def plan_training(job: str, shape: Shape, device_memory: int, world_size: int, d
     raise PlanError(
         f"{job} of {shape.name} does not fit: {human(shape.params * dtype_bytes)} of {dtype} weights, "
         f"{trainable / 1e6:.1f}M trainable parameters; at best (ZeRO-{stage}, gradient checkpointing "
-        f"{'on' if gc else 'off'}, micro-batch {micro} x {seq_len} tokens, {world_size} rank(s)) a rank needs "
+        f"{'on' if gc else 'off'}, micro-batch {micro} x {seq_len} tokens ({tokens_from}), {world_size} rank(s)) a rank needs "
         f"{human(total)} ({detail}) but a device has {human(capacity)} usable ({USABLE_FRACTION:.0%} of "
         f"{human(device_memory)}). To fix: run more ranks (devices or nodes){more}, a shorter sequence length, "
         "a smaller LoRA rank or no modules_to_save")
+
+
+def sequence_budget(job: str, limit: int, longest: int | None = None, examples: int | None = None,
+                    pad_multiple: int | None = None) -> tuple[int, str]:
+    """The longest sequence a micro-batch of ``job`` holds, and where that number comes from.
+
+    Pre-training packs its text into blocks of ``limit`` (--block-size) tokens: every sequence is that long.
+    Instruction data is padded per batch to the batch's longest example (cla2.data.PadCollator): the longest
+    batch is then the one holding the data's longest example after the template, ``longest`` (already cut at
+    --max-seq-length, ``limit``), rounded up to ``pad_multiple`` as the collator rounds. Random batches and
+    batches grouped by length share that worst batch (the grouped sampler even puts it first), so one bound
+    serves both. Without the data (``longest`` None) every sequence is budgeted at ``limit``."""
+    if job == "pretrain":
+        return limit, f"--block-size {limit}: pre-training's blocks are all full"
+    if longest is None:
+        return limit, f"--max-seq-length {limit}, every sequence at full length (no data read)"
+    padded = -(-longest // pad_multiple) * pad_multiple if pad_multiple else longest
+    cut = " (cut at --max-seq-length)" if longest >= limit else ""
+    pad = f", padded to {padded} (a multiple of {pad_multiple})" if padded != longest else ""
+    return padded, f"the data's longest example after the template, {longest} tokens{cut}{pad}, of {examples} examples"
 
 
 # ------------------------------------------------------------------------------------------ the jobs' entry
@@ -623,6 +663,21 @@ def for_inference(job: str, model: Path, device: str | None, dtype: str | None, 
     return plan, chosen
 
 
+def data_longest(data: Path, tokenizer: Path, max_seq_length: int, system_prompt: str) -> tuple[int, int]:
+    """The longest example of instruction data after the template (cut at ``max_seq_length``) and the number of
+    examples, read as finetune reads them (the same checks and errors)."""
+    from transformers import AutoTokenizer
+
+    from cla2.data import instruction_dataset
+
+    if not any((tokenizer / f).is_file() for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")):
+        raise PlanError(f"--data's tokens are counted with a tokenizer, and {tokenizer} has none (no tokenizer.model, "
+                        "tokenizer.json or tokenizer_config.json): pass --tokenizer DIR")
+    dataset, _ = instruction_dataset(data, AutoTokenizer.from_pretrained(tokenizer), max_seq_length, system_prompt,
+                                     progress=False)
+    return dataset.longest, len(dataset)
+
+
 # ------------------------------------------------------------------------------------------ the command
 def main(
     job: Literal["serve", "chat", "generate", "eval", "finetune", "pretrain"],
@@ -637,6 +692,9 @@ def main(
     context: int | None = None,
     nodes: int = 1,
     lora_rank: int = 64,
+    data: Path | None = None,
+    tokenizer: Path | None = None,
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
     json: bool = False,
 ) -> dict:
     """Plan where JOB fits: devices per replica, replicas and KV cache (inference), or world size, ZeRO stage,
@@ -652,9 +710,15 @@ def main(
             what the device would run).
         batch_size: Inference: requests decoded together (default: the job's default). Training: examples per
             device per step.
-        context: Tokens per sequence (default: the model's window for inference, 1024 for training).
+        context: Tokens per sequence (default: the model's window for inference, 1024 for training: finetune's
+            --max-seq-length, pretrain's --block-size).
         nodes: Training: hosts in the run (ranks = nodes x devices).
         lora_rank: Training: LoRA rank r.
+        data: Finetune: the training data (as finetune's --data). Its examples are tokenized after the template
+            and each micro-batch budgeted at its longest one, as the job itself plans; without it every sequence
+            is budgeted at --context tokens. Pretrain's blocks are all --context long: its data is not read.
+        tokenizer: Tokenizer folder that counts --data's tokens (default: the model folder's).
+        system_prompt: The system prompt of finetune's template (as finetune's --system-prompt).
         json: Print one JSON object instead of the summary.
     """
     import json as jsonlib
@@ -675,8 +739,13 @@ def main(
     else:
         if nodes < 1:
             raise PlanError(f"--nodes {nodes}: give 1 or more")
+        limit = context or 1024
+        longest = examples = None
+        if data is not None and job == "finetune":
+            longest, examples = data_longest(Path(data), Path(tokenizer or model), limit, system_prompt)
+        seq_len, tokens_from = sequence_budget(job, limit, longest, examples, None if seen.kind == "cpu" else 8)
         plan = plan_training(job, shape, min(seen.memory), seen.count * nodes, size, dtype, seen.kind,
-                             seq_len=context or 1024, batch=batch_size or 1, lora_rank=lora_rank)
+                             seq_len=seq_len, batch=batch_size or 1, lora_rank=lora_rank, tokens_from=tokens_from)
     out = plan.to_json()
     print(jsonlib.dumps(out, indent=2) if json else plan.summary())
     return out

@@ -336,7 +336,7 @@ def check_ranks(dev: Device) -> None:
 def plan_run(job: str, model: Path, dev: Device, base_dtype: torch.dtype, world_size: int, deepspeed: str | None,
              ds_config: dict | None, gradient_checkpointing: bool | None, batch_size: int,
              gradient_accumulation_steps: int, seq_len: int, lora_rank: int, lora_targets: Sequence[str],
-             modules_to_save: Sequence[str]):
+             modules_to_save: Sequence[str], tokens_from: str | None = None):
     """The placement plan of this rank (``cla2 plan``): the ZeRO stage when --deepspeed is auto, gradient
     checkpointing when not given, and the micro-batch that fits; refuses, with the numbers, a run that
     does not fit one device. Each rank plans alike from the same inputs, so they agree."""
@@ -361,7 +361,7 @@ def plan_run(job: str, model: Path, dev: Device, base_dtype: torch.dtype, world_
             batch=batch_size,
             gradient_accumulation_steps=gradient_accumulation_steps, lora_rank=lora_rank,
             lora_targets=tuple(lora_targets), modules_to_save=tuple(modules_to_save), zero_stage=stage,
-            gradient_checkpointing=gradient_checkpointing)
+            gradient_checkpointing=gradient_checkpointing, tokens_from=tokens_from)
     except plan.PlanError as exc:
         raise TrainingSetupError(str(exc)) from None
 
@@ -495,8 +495,10 @@ def _disk_hint(exc: BaseException, out: Path) -> str:
 def prepare(job: str, model: Path, out: Path, tokenizer: Path | None, train: Train, lora: Lora,
             make_dataset: Callable, args: dict, seq_len: int, began: float) -> Prepared:
     """Every check that can fail before anything is written, in this order: device and dtype, output folder
-    (resume / overwrite), DeepSpeed config, model weights, the plan, tokenizer size against the model's
-    vocabulary, LoRA rank and steps, the dataset."""
+    (resume / overwrite), DeepSpeed config, model weights, tokenizer size against the model's vocabulary, LoRA
+    rank and steps, then the plan and the dataset: pre-training plans first (its blocks are all --block-size
+    long, and a large corpus takes long to read), fine-tuning reads its data first and budgets each micro-batch
+    at the data's longest example (cla2.plan.sequence_budget)."""
     from transformers import AutoTokenizer
 
     rank, world_size = world()
@@ -517,16 +519,6 @@ def prepare(job: str, model: Path, out: Path, tokenizer: Path | None, train: Tra
     check_loadable(model)  # a folder without weights, or weights transformers won't read, fail here
     if not (model / "config.json").exists():
         raise FileNotFoundError(f"model folder {model} has no config.json: point --model at a Hugging Face model folder")
-    placement = plan_run(job, model, dev, base_dtype, world_size, train.deepspeed, ds_config,
-                         train.gradient_checkpointing, train.batch_size, train.gradient_accumulation_steps,
-                         seq_len or 1024, lora.lora_rank, lora.lora_targets, lora.modules_to_save)
-    if rank == 0:
-        print(placement.summary(), flush=True)
-    if train.deepspeed == "auto":
-        ds_config = resolve_deepspeed(placement.deepspeed)
-    train = dataclasses.replace(train, gradient_checkpointing=placement.gradient_checkpointing,
-                                batch_size=placement.micro_batch,
-                                gradient_accumulation_steps=placement.gradient_accumulation_steps)
     tok_dir = Path(tokenizer) if tokenizer else model
     tok = AutoTokenizer.from_pretrained(tok_dir)
     check_vocab(tok, tok_dir, model)
@@ -534,7 +526,29 @@ def prepare(job: str, model: Path, out: Path, tokenizer: Path | None, train: Tra
         raise TrainingSetupError(f"--lora-rank must be positive, got {lora.lora_rank}")
     if train.max_steps <= 0 and train.epochs <= 0:
         raise TrainingSetupError("give --max-steps N or --epochs F (> 0)")
-    dataset, data_info = make_dataset(tok)
+
+    def placed(dataset=None):
+        from cla2 import plan
+
+        budget = plan.sequence_budget(job, seq_len or 1024, dataset.longest if dataset is not None else None,
+                                      len(dataset) if dataset is not None else None, None if on_cpu else 8)
+        return plan_run(job, model, dev, base_dtype, world_size, train.deepspeed, ds_config,
+                        train.gradient_checkpointing, train.batch_size, train.gradient_accumulation_steps,
+                        budget[0], lora.lora_rank, lora.lora_targets, lora.modules_to_save, tokens_from=budget[1])
+
+    if job == "pretrain":
+        placement = placed()
+        dataset, data_info = make_dataset(tok)
+    else:
+        dataset, data_info = make_dataset(tok)
+        placement = placed(dataset)
+    if rank == 0:
+        print(placement.summary(), flush=True)
+    if train.deepspeed == "auto":
+        ds_config = resolve_deepspeed(placement.deepspeed)
+    train = dataclasses.replace(train, gradient_checkpointing=placement.gradient_checkpointing,
+                                batch_size=placement.micro_batch,
+                                gradient_accumulation_steps=placement.gradient_accumulation_steps)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.unk_token_id or 0)
     return Prepared(job=job, model=model, out=out, tok_dir=tok_dir, tokenizer=tok, train=train, settings=settings,
                     began=began, rank=rank, world_size=world_size, dev=dev, torch_dtype=torch_dtype,
