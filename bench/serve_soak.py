@@ -135,9 +135,15 @@ async def probe(url: str, until: float, latencies: list[float], tally: Tally) ->
             await asyncio.sleep(max(0.0, PROBE_EVERY - (time.perf_counter() - t0)))
 
 
-async def watch_rss(pid: int, until: float, seen: list[float]) -> None:
+async def watch(pid: int, until: float, seen: list[float], tally: Tally) -> None:
+    """The server's RSS every 5 s into ``seen``, and a progress line every minute (a soak runs for hours)."""
+    began = last = time.monotonic()
     while time.monotonic() < until:
         seen.append(rss_mib(pid))
+        if time.monotonic() - last >= 60:
+            last = time.monotonic()
+            print(f"[{last - began:6.0f}s] {tally.requests} requests, {tally.completed} completed, {tally.hung_up} hung up, "
+                  f"{sum(tally.errors.values())} errors; server RSS {seen[-1]:.0f} MiB", flush=True)
         await asyncio.sleep(5)
 
 
@@ -156,7 +162,7 @@ async def soak(url: str, pid: int, args) -> tuple[Tally, list[float], list[float
     deadline = time.monotonic() + args.seconds
     loaded: list[float] = []
     rss = [rss_mib(pid)]
-    await asyncio.gather(probe(url, deadline, loaded, tally), watch_rss(pid, deadline, rss),
+    await asyncio.gather(probe(url, deadline, loaded, tally), watch(pid, deadline, rss, tally),
                          *(client_loop(i, url, deadline, args, tally) for i in range(args.clients)))
     return tally, idle, loaded, rss
 
