@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import posixpath
+import re
 from decimal import Decimal
 from pathlib import Path
 
@@ -561,6 +562,170 @@ def preflight_support_table(matrix: list) -> str:
     return "\n".join(rows) + "\n"
 
 
+# ---- the stack matrix (roles/preflight/vars/stack_matrix.yml): Cambricon's PyTorch images ------------------
+
+STACK_MATRIX_FILE = "roles/preflight/vars/stack_matrix.yml"
+# the facts of a stack matrix entry, each null or with its sources (tests/unit/test_stack_matrix.py checks)
+STACK_FACTS = (
+    "file", "repo", "tag", "python", "torch", "torch_mlu", "cntoolkit", "deepspeed_wheel", "min_driver",
+    "driver_seen", "mlu370",
+)
+_RELEASE = re.compile(r"v?(\d+(?:\.\d+)*)")
+
+
+def _release(text: object) -> tuple[int, ...] | None:
+    """The leading release numbers of a version: '2.1.0+cpu' -> (2, 1, 0), '5.10.22-1' -> (5, 10, 22),
+    'v1.22.2+torch2.1.0' -> (1, 22, 2); None when it starts with none."""
+    match = _RELEASE.match(str(text or "").strip())
+    return tuple(int(p) for p in match.group(1).split(".")) if match else None
+
+
+def _image_ref(entry: dict) -> str:
+    return f"{entry['repo']}:{entry['tag']}" if entry.get("repo") and entry.get("tag") else ""
+
+
+def _stack_matches(entry: dict, image: dict) -> bool:
+    """The image's Python (major.minor), torch (as many numbers as the entry gives) and, where both are known,
+    torch_mlu (major.minor) are the entry's."""
+    want_py, want_torch = _release(entry.get("python")), _release(entry.get("torch"))
+    have_py, have_torch = _release(image.get("python")), _release(image.get("torch"))
+    if not (want_py and want_torch and have_py and have_torch):
+        return False
+    if have_py[:2] != want_py[:2] or have_torch[: len(want_torch)] != want_torch:
+        return False
+    want_mlu, have_mlu = _release(entry.get("torch_mlu")), _release(image.get("torch_mlu"))
+    return not (want_mlu and have_mlu) or have_mlu[:2] == want_mlu[:2]
+
+
+def preflight_stack_entry(matrix: list, image: dict | str) -> dict | None:
+    """The stack matrix entry of an image: the one whose repo:tag is the image's ref, else the first whose
+    Python, torch and torch_mlu are the image's (see preflight_stack_support); None when none is."""
+    image = {"ref": image} if isinstance(image, str) else dict(image or {})
+    ref = str(image.get("ref") or "").strip()
+    for entry in matrix or []:
+        if ref and _image_ref(entry) == ref:
+            return entry
+    for entry in matrix or []:
+        if _stack_matches(entry, image):
+            return entry
+    return None
+
+
+def _stack_offer(entry: dict) -> str:
+    """How a refusal names an image to load instead."""
+    named = entry.get("file") or _image_ref(entry) or "ask Cambricon for it: its file name is not public"
+    driver = f", MLU driver {entry['min_driver']} or newer" if entry.get("min_driver") else ""
+    return f"{entry['name']} ({named}{driver})"
+
+
+def preflight_stack_support(
+    matrix: list,
+    image: dict | str,
+    driver_version: str | None = None,
+    ignore: bool = False,
+) -> dict:
+    """Can the kit's runtime run on this Cambricon PyTorch image, on this host's driver? The stack gate.
+
+    matrix: preflight__stack_matrix (roles/preflight/vars/stack_matrix.yml). image: the loaded image, as
+    {ref: "repo:tag", python, torch, torch_mlu}, the versions read inside it (e.g. `python3 -c` printing
+    platform.python_version(), torch.__version__ and torch_mlu.__version__), or just its "repo:tag" string.
+    It is the entry whose repo:tag is ref, else the first whose Python (major.minor), torch (as many numbers
+    as the entry gives) and torch_mlu (major.minor, where both are known) are the image's: Cambricon's torch
+    2.1 image has no public tag, so it is known by its versions. driver_version: the host's MLU driver
+    (cnmon's, e.g. "6.2.10"; "" or None: not read yet, not checked). ignore: preflight_ignore_stack.
+
+    Refused: an image the matrix lists as refused (its reason and remedy), an image it does not list, and an
+    image whose minimum driver is newer than the host's. Each message names the image's versions and what to
+    load instead (the supported entries). Returns {gate: "stack", ok, ignored, overridable, message, notes,
+    entry, image, summary}, a check as tasks/main.yml lists them: message is "" when ok; with ignore, a
+    refusal stays in message and ignored is true (the play warns instead of failing).
+    """
+    image = {"ref": image} if isinstance(image, str) else dict(image or {})
+    entry = preflight_stack_entry(matrix, image)
+    versions = ", ".join(
+        f"{label} {image[key]}" for key, label in (("python", "Python"), ("torch", "torch"), ("torch_mlu", "torch_mlu"))
+        if image.get(key)
+    ) or "its versions not read"
+    where = f"image {image.get('ref') or '(no repo:tag)'} ({versions})"
+    supported = [e for e in matrix or [] if e.get("status") == "supported"]
+    instead = "; ".join(_stack_offer(e) for e in supported) or "none (the stack matrix lists no supported image)"
+    override = "set preflight_ignore_stack: true to run anyway (override preflight_ignore_stack)"
+    problems, notes = [], []
+    if entry is None:
+        problems.append(
+            f"UNSUPPORTED IMAGE: {where} is not in the stack matrix ({STACK_MATRIX_FILE}, {SUPPORT_DOC}). "
+            f"Load a supported image: {instead}"
+        )
+    elif entry.get("status") != "supported":
+        remedy = str(entry.get("remedy", "")).strip().rstrip(".")
+        problems.append(
+            f"{where} is {entry['name']}, which the kit's runtime refuses: {' '.join(str(entry.get('reason', '')).split())}. "
+            f"{remedy[:1].upper() + remedy[1:]}. Supported: {instead}"
+        )
+    if entry is not None and entry.get("min_driver"):
+        have = _release(driver_version)
+        if not str(driver_version or "").strip():
+            notes.append(
+                f"{entry['name']} needs MLU driver {entry['min_driver']} or newer; the host's driver version is not "
+                "known yet, so it is not checked"
+            )
+        elif have is None or have < _release(entry["min_driver"]):
+            problems.append(
+                f"{where} is {entry['name']}, whose torch_mlu {entry.get('torch_mlu') or '(version unknown)'} needs MLU "
+                f"driver {entry['min_driver']} or newer, and the host's driver is {driver_version}: install driver "
+                f"{entry['min_driver']} or newer (mlu_driver), or load an image built for driver {driver_version}. "
+                f"Supported: {instead}"
+            )
+    elif entry is not None and entry.get("status") == "supported":
+        notes.append(f"{entry['name']}: no public source gives its minimum MLU driver, so the driver is not checked")
+    ok = not problems
+    message = ""
+    if problems:
+        message = "; ".join(problems) + f" ({SUPPORT_DOC}); {override}"
+    summary = f"{entry['name']} ({entry.get('status')})" if entry is not None else f"{where} (not in the stack matrix)"
+    return {
+        "gate": "stack",
+        "ok": ok,
+        "ignored": bool(ignore) and not ok,
+        "overridable": True,
+        "message": message,
+        "notes": notes,
+        "entry": entry,
+        "image": image,
+        "summary": summary,
+    }
+
+
+_STACK_TABLE_HEAD = (
+    "| image | file / repo:tag | Python | torch | torch_mlu | CNToolkit | DeepSpeed wheel | min. driver | status |",
+    "|---|---|---|---|---|---|---|---|---|",
+)
+
+
+def _cell(value: object) -> str:
+    return "unknown" if value is None else str(value)
+
+
+def preflight_stack_table(matrix: list) -> str:
+    """docs/support.md's image table, one row per stack matrix entry (tests/unit/test_stack_matrix.py compares)."""
+    rows = list(_STACK_TABLE_HEAD)
+    for e in matrix or []:
+        named = " / ".join(f"`{n}`" for n in (e.get("file"), _image_ref(e)) if n) or "not public (ask Cambricon)"
+        cells = [
+            e["name"],
+            named,
+            _cell(e.get("python")),
+            _cell(e.get("torch")),
+            _cell(e.get("torch_mlu")),
+            _cell(e.get("cntoolkit")),
+            f"`{e['deepspeed_wheel']}`" if e.get("deepspeed_wheel") else "unknown",
+            _cell(e.get("min_driver")),
+            "**refused**" if e.get("status") == "refused" else e.get("status", ""),
+        ]
+        rows.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
 class FilterModule:
     """preflight filters."""
 
@@ -576,6 +741,9 @@ class FilterModule:
             "preflight_os_support": preflight_os_support,
             "preflight_support_failure": preflight_support_failure,
             "preflight_support_table": preflight_support_table,
+            "preflight_stack_entry": preflight_stack_entry,
+            "preflight_stack_support": preflight_stack_support,
+            "preflight_stack_table": preflight_stack_table,
         }
 
 
@@ -584,7 +752,13 @@ if __name__ == "__main__":
 
     import yaml
 
-    if sys.argv[1:] != ["--support-table"]:
-        sys.exit("usage: preflight.py --support-table  (prints docs/support.md's table from roles/preflight/vars/support_matrix.yml)")
-    matrix_file = Path(__file__).resolve().parents[2] / "roles" / "preflight" / "vars" / "support_matrix.yml"
-    sys.stdout.write(preflight_support_table(yaml.safe_load(matrix_file.read_text())["preflight__support_matrix"]))
+    TABLES = {
+        "--support-table": ("support_matrix.yml", "preflight__support_matrix", preflight_support_table),
+        "--stack-table": ("stack_matrix.yml", "preflight__stack_matrix", preflight_stack_table),
+    }
+    if len(sys.argv) != 2 or sys.argv[1] not in TABLES:
+        sys.exit("usage: preflight.py --support-table | --stack-table  (prints docs/support.md's OS table from "
+                 "roles/preflight/vars/support_matrix.yml, or its image table from roles/preflight/vars/stack_matrix.yml)")
+    file_name, variable, render = TABLES[sys.argv[1]]
+    matrix_file = Path(__file__).resolve().parents[2] / "roles" / "preflight" / "vars" / file_name
+    sys.stdout.write(render(yaml.safe_load(matrix_file.read_text())[variable]))

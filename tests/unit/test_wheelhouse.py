@@ -140,7 +140,7 @@ def test_an_image_cla2_cannot_run_on_is_refused_before_any_download(wheel, tmp_p
     assert proc.returncode == 2
     assert message in proc.stderr
     if provided:
-        assert "needs torch>=2.1" in proc.stderr and "torch2.1.0" in proc.stderr
+        assert "needs torch>=2.1" in proc.stderr and "torch 2.1.0 / Python 3.10 image" in proc.stderr
     assert not dest.exists(), "nothing may be downloaded for an image that cannot run cla2"
 
 

@@ -204,8 +204,8 @@ def main() -> int:
     if wanted and not SpecifierSet(wanted).contains(release(torch_version)):
         sys.stderr.write(
             f"the image ships torch {torch_version}, but {Path(args.wheel).name} needs torch{wanted}: "
-            "load a PyTorch image whose torch satisfies that (Cambricon publishes torch 2.1 variants "
-            "of its image, e.g. v1.17.0-torch2.1.0-ubuntu20.04-py310)\n")
+            "load a PyTorch image whose torch satisfies that: Cambricon's torch 2.1.0 / Python 3.10 image "
+            "(torch_mlu 1.22; docs/support.md, which PyTorch image to ask Cambricon for)\n")
         return 2
     lock = args.lock or pick_lock(args.python_version, torch_version or "0")
     if isinstance(lock, str):
