@@ -255,6 +255,9 @@ def main() -> int:
           f"({len(loaded)} probes); ratio of the p99s {p99_load / p99_idle:.1f}x")
     print(f"server RSS: {rss[0]:.0f} MiB after the warm-up, {max(rss):.0f} MiB at most, {rss_end:.0f} MiB at the "
           f"end; ratio end / start {rss_end / rss[0]:.3f}")
+    quarters = [rss[min(len(rss) - 1, len(rss) * k // 4)] for k in (1, 2, 3)] + [rss_end]
+    print("server RSS at each quarter of the run: " + ", ".join(f"{q:.0f}" for q in quarters) + " MiB "
+          "(flat once the allocator's arenas are warm; a leak keeps growing)")
     print("after the clients stopped: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(left.items())))
     failed = False
     if errors:

@@ -5,7 +5,8 @@ it the version ``0.0.0+testdouble``, and is importable only where a test puts th
 (``PYTHONPATH`` of a subprocess, so nothing leaks into the pytest process). Importing it does what importing the
 real ``torch_mlu`` does for cla2 and the libraries it uses:
 
-- ``torch.mlu`` (and ``sys.modules["torch.mlu"]``) is ``torch_mlu.mlu``: is_available, device_count,
+- ``torch.mlu`` (and ``sys.modules["torch.mlu"]``) is ``torch_mlu.mlu``, with the real package's signatures
+  (tests/test_torch_mlu_conformance.py holds them to fixtures/torch_mlu_api.json): is_available, device_count,
   mem_get_info, get_device_name, get_device_properties, set_device, current_device, synchronize,
   is_bf16_supported, memory_allocated and friends, seeds, RNG state, amp.GradScaler;
 - ``cncl`` is a torch.distributed backend, carried by gloo, so ``init_process_group(backend="cncl")`` works
@@ -38,7 +39,10 @@ CLA2_FAKE_MLU_MEMORY   total memory per device: one size for all ("24GiB") or a 
                        device ("24GiB,24GiB,16GiB"); units B, KiB, MiB, GiB, TiB (K, M, G, T mean the same),
                        KB, MB, GB, TB (powers of 1000), or plain bytes. Default 24GiB.
 CLA2_FAKE_MLU_FREE     free memory per device, same syntax (default: the total).
-CLA2_FAKE_MLU_BF16     1 or 0: what is_bf16_supported() answers (default 1).
+CLA2_FAKE_MLU_BF16     1 or 0: what is_bf16_supported() answers (default 1), and so the compute capability major
+                       that get_device_properties() / get_device_capability() report: 5 or 3, since the real
+                       is_bf16_supported() is ``major >= 5`` (an MLU370 reports 3: the real package says no bf16
+                       there; see docs/torch_mlu_double.md).
 CLA2_FAKE_MLU_NAME     the model in get_device_name() (default "MLU370-X8"; the name adds "(test double,
                        physical N)").
 MLU_VISIBLE_DEVICES    as the real driver reads it: a comma list of physical indices selects those devices and

@@ -66,6 +66,7 @@ def visible_devices(physical: list[dict], env=os.environ) -> list[dict]:
 _DEVICES = visible_devices(physical_devices())
 _BF16 = os.environ.get("CLA2_FAKE_MLU_BF16", "1").strip().lower() not in ("0", "false", "no", "")
 _NAME = os.environ.get("CLA2_FAKE_MLU_NAME") or "MLU370-X8"
+_MAJOR = 5 if _BF16 else 3  # the compute capability the real is_bf16_supported reads (see get_device_properties)
 _current = 0
 _initialized = False
 
@@ -131,15 +132,17 @@ def get_device_name(device=None) -> str:
     return f"{_NAME} (test double, physical {_DEVICES[_index(device)]['physical']})"
 
 
-def get_device_properties(device=None):
+def get_device_properties(device):
+    """As the real one (no default: the device must be named). ``major`` says what the real torch_mlu derives
+    bf16 from (is_bf16_supported: ``major >= 5``): 5 when CLA2_FAKE_MLU_BF16 says bf16, else 3 (an MLU370)."""
     info = _DEVICES[_index(device)]
-    return SimpleNamespace(name=get_device_name(device), total_memory=info["total"], major=3, minor=0,
+    return SimpleNamespace(name=get_device_name(device), total_memory=info["total"], major=_MAJOR, minor=0,
                            multi_processor_count=1)
 
 
 def get_device_capability(device=None) -> tuple[int, int]:
     _index(device)
-    return (3, 0)
+    return (_MAJOR, 0)
 
 
 def mem_get_info(device=None) -> tuple[int, int]:
@@ -148,7 +151,9 @@ def mem_get_info(device=None) -> tuple[int, int]:
     return info["free"], info["total"]
 
 
-def is_bf16_supported(*args, **kwargs) -> bool:
+def is_bf16_supported() -> bool:
+    """CLA2_FAKE_MLU_BF16; the real one answers ``get_device_properties(current_device()).major >= 5``, which the
+    double's major agrees with."""
     return _BF16
 
 
@@ -186,7 +191,7 @@ def initial_seed() -> int:
     return torch.initial_seed()
 
 
-def get_rng_state(device=None) -> torch.Tensor:
+def get_rng_state(device="mlu") -> torch.Tensor:
     return torch.get_rng_state()
 
 
@@ -194,12 +199,12 @@ def get_rng_state_all() -> list[torch.Tensor]:
     return [torch.get_rng_state() for _ in _DEVICES]
 
 
-def set_rng_state(state: torch.Tensor, device=None) -> None:
-    torch.set_rng_state(state)
+def set_rng_state(new_state: torch.Tensor, device="mlu") -> None:
+    torch.set_rng_state(new_state)
 
 
-def set_rng_state_all(states) -> None:
-    for state in list(states)[:1]:
+def set_rng_state_all(new_states) -> None:
+    for state in list(new_states)[:1]:
         torch.set_rng_state(state)
 
 
@@ -212,9 +217,15 @@ random = SimpleNamespace(get_rng_state=get_rng_state, get_rng_state_all=get_rng_
                          manual_seed_all=manual_seed_all, seed=seed, seed_all=seed_all, initial_seed=initial_seed)
 
 
-def _grad_scaler(*args, **kwargs):
-    """torch.mlu.amp.GradScaler (accelerate asks for it under fp16): the CPU's, where the tensors are."""
-    return torch.amp.GradScaler("cpu", *args, **kwargs)
+def _grad_scaler(init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000, enabled=True):
+    """torch.mlu.amp.GradScaler, with the real one's parameters (torch_mlu/mlu/amp/grad_scaler.py; accelerate asks
+    for it under fp16): torch's CPU scaler, where the double's tensors are."""
+    if not hasattr(torch.amp, "GradScaler"):
+        raise RuntimeError(f"torch_mlu test double: torch {torch.__version__} has no CPU GradScaler (torch.amp."
+                           "GradScaler came with torch 2.3), so fp16 with a grad scaler cannot run on the double "
+                           "under it: use bf16 or fp32 there")
+    return torch.amp.GradScaler("cpu", init_scale=init_scale, growth_factor=growth_factor,
+                                backoff_factor=backoff_factor, growth_interval=growth_interval, enabled=enabled)
 
 
 amp = SimpleNamespace(GradScaler=_grad_scaler)
