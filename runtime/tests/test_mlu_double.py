@@ -260,6 +260,15 @@ def test_finetune_on_mlu_through_the_double(tiny_model_small_tok, tmp_path):
     assert run["plan"]["world_size"] == 1 and run["plan"]["zero_stage"] == 0 and run["deepspeed"] is None
     assert run["plan"]["kind"] == "mlu" and run["plan"]["device_memory"] == 24 * GIB
     assert "plan: finetune" in p.stdout
+    # the adapter it wrote loads on the same device (peft would read its weights to the device it infers, "mlu",
+    # which the double's CPU tensors cannot be: cla2 reads them to the CPU and merges them where the layers live)
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"instruction": "问题1", "id": 1}\n', encoding="utf-8")
+    p = run_with_double(["-m", "cla2", "generate", "--model", str(tiny_model_small_tok), "--adapter", str(out),
+                         "--input", str(src), "--output", str(tmp_path / "out.jsonl"), "--device", "mlu", "--dtype",
+                         "fp32", "--max-new-tokens", "4", "--temperature", "0"], CLA2_FAKE_MLU_COUNT="2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((tmp_path / "out.jsonl").read_text(encoding="utf-8"))["completion_tokens"] > 0
 
 
 def test_torchrun_launches_a_rank_per_mlu_with_zero3(tiny_model_small_tok, tmp_path):

@@ -80,7 +80,10 @@ def load_model(model: Path, adapter: Path | None = None, device: str | None = No
     if adapter is not None:
         from peft import PeftModel
 
-        net = PeftModel.from_pretrained(net, str(adapter)).merge_and_unload()
+        # The adapter's tensors are read to the CPU and copied into the LoRA layers wherever their base layers
+        # live (one device, or a split replica's several); left to itself peft reads them to the device it infers
+        # (torch.mlu's current card on an MLU host, not each layer's).
+        net = PeftModel.from_pretrained(net, str(adapter), torch_device="cpu").merge_and_unload()
     if getattr(net, "hf_device_map", None) is None or len(devices or []) <= 1:
         net.to(torch_device)
     net.eval()
