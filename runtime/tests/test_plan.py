@@ -215,11 +215,14 @@ def test_13b_sft_on_full_length_data_cuts_the_batch_and_says_so(models, real_tok
     assert float(note.split(" need ")[1].split(" GiB")[0]) > 21.6
 
 
-def test_without_data_every_sequence_is_budgeted_at_full_length(models):
+def test_without_data_every_sequence_is_budgeted_at_full_length(models, tmp_path):
     p = plan_json("finetune", "--model", str(models["13b"]), *SERVER, *SEED_SFT)
     assert p["seq_len"] == 1024 and p["micro_batch"] == 4
     assert p["tokens_from"] == "--max-seq-length 1024, every sequence at full length (no data read)"
-    p = plan_json("pretrain", "--model", str(models["13b"]), *SERVER, "--context", "512", "--data", "/nonexistent")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("从前有座山。\n", encoding="utf-8")
+    p = plan_json("pretrain", "--model", str(models["13b"]), *SERVER, "--context", "512", "--data",
+                  str(tmp_path / "corpus"))
     assert p["seq_len"] == 512 and p["tokens_from"] == "--block-size 512: pre-training's blocks are all full"
 
 
@@ -232,3 +235,7 @@ def test_data_the_plan_cannot_read_is_refused_as_the_job_refuses_it(models, real
     assert "Traceback" not in r.stderr
     r = cla2("plan", "finetune", "--model", str(models["13b"]), *SERVER, "--data", str(bad))  # no tokenizer there
     assert r.returncode == 2 and "pass --tokenizer DIR" in r.stderr and str(models["13b"]) in r.stderr, r.stderr
+    r = cla2("plan", "pretrain", "--model", str(models["13b"]), *SERVER, "--data", str(tmp_path / "none"))
+    assert r.returncode == 2 and f"data path {tmp_path / 'none'} does not exist" in r.stderr, r.stderr
+    r = cla2("plan", "pretrain", "--model", str(models["13b"]), *SERVER, "--data", str(bad))
+    assert r.returncode == 2 and "is a file: cla2 pretrain reads a folder of .txt files" in r.stderr, r.stderr

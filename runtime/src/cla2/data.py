@@ -312,6 +312,13 @@ def _line_chunks(f: Path, n: int):
         yield chunk
 
 
+def text_files(folder: Path) -> list[Path]:
+    """The .txt files of a pre-training data folder; DataError when it is a file, missing or holds none."""
+    if Path(folder).is_file():
+        raise DataError(f"--data {folder} is a file: cla2 pretrain reads a folder of .txt files")
+    return data_files(Path(folder), (".txt",))
+
+
 def text_dataset(folder: Path, tokenizer, block_size: int, cache_dir: Path | None = None,
                  progress: bool = True) -> tuple[BlockDataset, dict]:
     """Tokenize the .txt files of ``folder`` into blocks, once: later runs read the cache.
@@ -324,9 +331,7 @@ def text_dataset(folder: Path, tokenizer, block_size: int, cache_dir: Path | Non
     from tqdm.auto import tqdm
 
     folder = Path(folder)
-    if folder.is_file():
-        raise DataError(f"--data {folder} is a file: cla2 pretrain reads a folder of .txt files")
-    files = data_files(folder, (".txt",))
+    files = text_files(folder)
     data_fp = fingerprint(files)
     tok_fp = tokenizer_fingerprint(tokenizer)
     key = hashlib.sha256(f"{tok_fp}:{block_size}:{data_fp}".encode()).hexdigest()[:24]

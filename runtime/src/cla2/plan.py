@@ -716,7 +716,8 @@ def main(
         lora_rank: Training: LoRA rank r.
         data: Finetune: the training data (as finetune's --data). Its examples are tokenized after the template
             and each micro-batch budgeted at its longest one, as the job itself plans; without it every sequence
-            is budgeted at --context tokens. Pretrain's blocks are all --context long: its data is not read.
+            is budgeted at --context tokens. Pretrain's blocks are all --context long: its data folder is
+            checked as the job checks it, and not read.
         tokenizer: Tokenizer folder that counts --data's tokens (default: the model folder's).
         system_prompt: The system prompt of finetune's template (as finetune's --system-prompt).
         json: Print one JSON object instead of the summary.
@@ -743,6 +744,10 @@ def main(
         longest = examples = None
         if data is not None and job == "finetune":
             longest, examples = data_longest(Path(data), Path(tokenizer or model), limit, system_prompt)
+        elif data is not None:  # its blocks are all --context long: checked as the job checks it, not read
+            from cla2.data import text_files
+
+            text_files(Path(data))
         seq_len, tokens_from = sequence_budget(job, limit, longest, examples, None if seen.kind == "cpu" else 8)
         plan = plan_training(job, shape, min(seen.memory), seen.count * nodes, size, dtype, seen.kind,
                              seq_len=seq_len, batch=batch_size or 1, lora_rank=lora_rank, tokens_from=tokens_from)
