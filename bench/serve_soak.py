@@ -26,24 +26,20 @@ import collections
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from serve_throughput import (  # the same model and ports as the throughput bench
+    free_port,
+    random_model,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "runtime" / "src"))
-SHARED = Path(os.environ.get("CLA2_SHARED", REPO.parent / "shared"))
-REAL_TOKENIZER = SHARED / "fixtures" / "chinese-llama-2-tokenizer"
 PROBE_EVERY = 0.5  # seconds between two /health requests
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mib(pid: int) -> float:
@@ -186,15 +182,10 @@ def main() -> int:
         args.seconds, args.clients, args.max_tokens, args.idle_seconds = 8.0, 8, 24, 2.0
         args.hidden_size, args.layers, args.max_batch_size = 64, 2, 4
 
-    from cla2 import tiny
-
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            real = REAL_TOKENIZER if REAL_TOKENIZER.is_dir() else None
-            model = tiny.main(Path(tmp) / "model", hidden_size=args.hidden_size, layers=args.layers,
-                              intermediate_size=args.hidden_size * 8 // 3, heads=max(1, args.hidden_size // 64),
-                              tokenizer=real, vocab_size=8000 if not args.smoke else 1000, shards=1)
+            model = random_model(Path(tmp) / "model", args.hidden_size, args.layers, args.smoke)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         # every client may wait for a slot: a 429 here would be an error, not the overload it is meant for

@@ -64,6 +64,16 @@ def stream_one(url: str, prompt: str, max_tokens: int) -> int:
     return tokens
 
 
+def random_model(folder: Path, hidden_size: int, layers: int, smoke: bool) -> Path:
+    """The serving benches' random LLaMA, with the real tokenizer from ../shared when it is there (else a
+    trained one: 8000 pieces, 1000 at the smoke size)."""
+    from cla2 import tiny
+
+    real = REAL_TOKENIZER if REAL_TOKENIZER.is_dir() else None
+    return tiny.main(folder, hidden_size=hidden_size, layers=layers, intermediate_size=hidden_size * 8 // 3,
+                     heads=max(1, hidden_size // 64), tokenizer=real, vocab_size=1000 if smoke else 8000, shards=1)
+
+
 def cpu_seconds() -> float:
     """CPU time of this whole process so far (every thread: the server's, the engine's, the clients')."""
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -87,17 +97,13 @@ def main() -> int:
 
     import torch
     import uvicorn
-    from cla2 import tiny
     from cla2.engine import Engine
     from cla2.serve import create_app
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            real = REAL_TOKENIZER if REAL_TOKENIZER.is_dir() else None
-            model = tiny.main(Path(tmp) / "model", hidden_size=args.hidden_size, layers=args.layers,
-                              intermediate_size=args.hidden_size * 8 // 3, heads=max(1, args.hidden_size // 64),
-                              tokenizer=real, vocab_size=8000 if not args.smoke else 1000, shards=1)
+            model = random_model(Path(tmp) / "model", args.hidden_size, args.layers, args.smoke)
         engine = Engine.from_pretrained(model, max_batch_size=args.clients, name="bench")
         engine.eos_ids = set()  # random weights: generate every requested token in both modes
         port = free_port()

@@ -327,11 +327,16 @@ def test_probe_on_this_machine_finds_a_real_python():
 # ---- docs/support.md is the matrix ------------------------------------------------------------------------
 
 
-def test_docs_support_table_is_the_matrix():
+def doc_table(name: str) -> str:
+    """The generated table of docs/support.md between its <!-- NAME:start --> and <!-- NAME:end --> markers."""
     text = DOC.read_text()
-    start, end = "<!-- support-matrix:start -->\n", "<!-- support-matrix:end -->"
-    assert start in text and end in text, "docs/support.md lost its table markers"
-    table = text.split(start, 1)[1].split(end, 1)[0].strip("\n") + "\n"
+    start, end = f"<!-- {name}:start -->\n", f"<!-- {name}:end -->"
+    assert start in text and end in text, f"docs/support.md lost its {name} table markers"
+    return text.split(start, 1)[1].split(end, 1)[0].strip("\n") + "\n"
+
+
+def test_docs_support_table_is_the_matrix():
+    table = doc_table("support-matrix")
     assert table == pf.preflight_support_table(MATRIX), (
         "docs/support.md's table differs from roles/preflight/vars/support_matrix.yml: regenerate it with "
         "python3 plugins/filter/preflight.py --support-table"

@@ -153,10 +153,9 @@ def test_the_production_example_names_no_image_the_matrix_refuses_or_lacks():
 
 
 def test_docs_stack_table_is_the_matrix():
-    text = DOC.read_text()
-    start, end = "<!-- stack-matrix:start -->\n", "<!-- stack-matrix:end -->"
-    assert start in text and end in text, "docs/support.md lost its stack table markers"
-    table = text.split(start, 1)[1].split(end, 1)[0].strip("\n") + "\n"
+    from test_preflight_support import doc_table
+
+    table = doc_table("stack-matrix")
     assert table == pf.preflight_stack_table(MATRIX), (
         "docs/support.md's image table differs from roles/preflight/vars/stack_matrix.yml: regenerate it with "
         "python3 plugins/filter/preflight.py --stack-table"

@@ -544,7 +544,7 @@ def plan_training(job: str, shape: Shape, device_memory: int, world_size: int, d
     """World size, ZeRO stage, gradient checkpointing and micro-batch of a training job (see the module doc).
     ``seq_len`` is the longest sequence of a micro-batch (:func:`sequence_budget`), ``tokens_from`` where that
     number comes from; ``zero_stage`` / ``gradient_checkpointing`` fix those decisions instead of choosing them."""
-    tokens_from = tokens_from or f"every sequence budgeted at the full {seq_len} tokens (no data read)"
+    tokens_from = tokens_from or sequence_budget(job, seq_len)[1]
     if job not in TRAINING_JOBS:
         raise PlanError(f"{job} is not a training job ({', '.join(TRAINING_JOBS)})")
     if world_size < 1 or batch < 1 or seq_len < 1:
